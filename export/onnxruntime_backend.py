@@ -1,0 +1,80 @@
+"""The ``onnxruntime`` backend: a graph-optimised ONNX per piece, plus the session options.
+
+ONNX Runtime can save the graph it optimised (``SessionOptions.optimized_model_filepath``) so the
+device skips those passes when it loads the model. ORT's documentation warns that a model saved
+with the ``all`` level may contain layout optimisations (NCHWc) specific to the hardware it was
+optimised on, and that a model pre-optimised for one execution provider should run with that
+provider. So the level that is *saved* is capped (docs/export.md):
+
+* ``extended`` for CPU-only profiles: fusions (Conv+Add+Relu, GELU, LayerNorm, attention...) into
+  ORT contrib ops, independent of the CPU model;
+* ``basic`` when the profile lists a GPU provider first (CUDA/TensorRT EP): constant folding and
+  redundant-node elimination only, since extended fusions are assigned per provider at
+  optimisation time, and here that is the CPU provider.
+
+The profile's own level (usually ``all``) is recorded in the artifact options and applied *online*
+on the device when the session is created, together with the profile's providers and thread
+counts (``runtime.backends.onnxruntime_runner.ORTPieceRunner`` reads them from the options).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+LEVELS = ("disable", "basic", "extended", "all")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
+
+
+def _cap(level: str, cap: str) -> str:
+    return LEVELS[min(LEVELS.index(level), LEVELS.index(cap))]
+
+
+def saved_level(options: Mapping[str, Any]) -> str:
+    """Optimisation level baked into the saved model for a profile's onnxruntime options."""
+    level = options.get("graph_optimization_level", "all")
+    if level not in LEVELS:
+        raise ValueError(f"graph_optimization_level {level!r}: expected one of {', '.join(LEVELS)}")
+    providers = list(options.get("providers") or ["CPUExecutionProvider"])
+    gpu_first = bool(providers) and providers[0] in GPU_PROVIDERS
+    return _cap(level, "basic" if gpu_first else "extended")
+
+
+def target_name(arch: str, options: Mapping[str, Any]) -> str:
+    """``x86_64-cpu`` / ``aarch64-cuda``: the artifact target for these options."""
+    providers = list(options.get("providers") or ["CPUExecutionProvider"])
+    first = providers[0] if providers else "CPUExecutionProvider"
+    ep = first.replace("ExecutionProvider", "").lower() or "cpu"
+    return f"{arch}-{ep}"
+
+
+def runtime_options(options: Mapping[str, Any], saved: str) -> dict[str, Any]:
+    """Artifact options: what the device's ORTPieceRunner uses, plus provenance."""
+    import onnxruntime as ort
+
+    return {
+        "providers": list(options.get("providers") or ["CPUExecutionProvider"]),
+        "intra_op_threads": int(options.get("intra_op_threads") or 0),
+        "inter_op_threads": int(options.get("inter_op_threads") or 0),
+        "graph_optimization_level": options.get("graph_optimization_level", "all"),
+        "saved_optimization_level": saved,
+        "optimized_with": {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"]},
+    }
+
+
+def optimize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
+                  options: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the ORT-optimised model of ``onnx_path`` to ``out_path``; returns artifact options."""
+    import onnxruntime as ort
+
+    from runtime.backends.onnxruntime_runner import session_options
+
+    saved = saved_level(options)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    so = session_options(intra_op_threads=1, inter_op_threads=1, graph_optimization_level=saved,
+                         optimized_model_path=out_path)
+    ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    if not out_path.is_file() or out_path.stat().st_size == 0:
+        raise RuntimeError(f"onnxruntime did not write the optimised model {out_path}")
+    return runtime_options(options, saved)

@@ -1,0 +1,278 @@
+"""Cut any :class:`AdaptiveDepthNet` into exportable pieces, using only the base-class methods.
+
+Compilers cannot skip work inside one graph, so the network is cut between exits and the
+runtime chains the pieces. Segment ``k`` takes the features after stage ``k-1`` (the image for
+``k = 0``, which also runs the stem), runs stage ``k`` with its skippable sub-path on or off and
+exit head ``k``, and returns ``(features_k, logits_k)``; the last segment returns the logits only.
+
+Two granularities produce the same 2^S execution plans:
+
+* ``"stage"`` (default, see docs/export.md for the measurement): two pieces per stage,
+  ``stage{k}.full`` (mandatory + skippable + head) and ``stage{k}.skip`` (mandatory with the
+  skip-aware twin norms + head). One call per segment.
+* ``"split"``: ``stage{k}.mandatory`` / ``stage{k}.mandatory_skipnorm`` / ``stage{k}.skippable`` /
+  ``head{k}``: four distinct graphs per stage, 2-3 calls per segment.
+
+Tensors pass by name: ``x`` is the model input, ``features{k}`` the features after stage ``k``,
+``mid{k}`` the features after stage ``k``'s mandatory sub-path (split granularity, non-skipped
+path only) and ``logits`` the exit's logits (replaced by every segment).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from train.models.base import AdaptiveDepthNet, all_skip_configs, skip_to_str
+
+GRANULARITIES = ("stage", "split")
+DEFAULT_GRANULARITY = "stage"
+INPUT_NAME = "x"
+LOGITS = "logits"
+
+
+def features_name(k: int) -> str:
+    return f"features{k}"
+
+
+def _input_name(k: int) -> str:
+    return INPUT_NAME if k == 0 else features_name(k - 1)
+
+
+class PieceModule(nn.Module):
+    """A torch module computing one piece from the parent model's base-class methods."""
+
+    def __init__(self, model: AdaptiveDepthNet, fn: Callable[[AdaptiveDepthNet, Tensor], object]) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, h: Tensor):  # type: ignore[override]
+        return self._fn(self.model, h)
+
+
+@dataclass
+class PieceDef:
+    """One piece: its manifest description and the torch function computing it.
+
+    ``fn(model, tensor) -> tensor | tuple`` maps the single input (``input_name``) to the outputs
+    in ``output_names`` order.
+    """
+
+    id: str
+    kind: str  # manifest piece kind: stage | mandatory | skippable | head
+    stage: int
+    skip: bool | None
+    input_name: str
+    output_names: list[str]
+    fn: Callable[[AdaptiveDepthNet, Tensor], object] = field(repr=False)
+
+    @property
+    def returns_logits(self) -> bool:
+        return LOGITS in self.output_names
+
+    def module(self, model: AdaptiveDepthNet) -> PieceModule:
+        return PieceModule(model, self.fn)
+
+    def __call__(self, model: AdaptiveDepthNet, h: Tensor) -> list[Tensor]:
+        out = self.fn(model, h)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+@dataclass
+class SegmentPlan:
+    """Pieces and, per skip config ('FTF'), the piece ids to run per segment."""
+
+    granularity: str
+    num_stages: int
+    pieces: list[PieceDef]
+    execution: dict[str, list[list[str]]]
+
+    def piece(self, piece_id: str) -> PieceDef:
+        for p in self.pieces:
+            if p.id == piece_id:
+                return p
+        raise KeyError(piece_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# the piece functions (closures over k only; the model is an argument so a piece can be bound
+# to any instance of the architecture)
+# ---------------------------------------------------------------------------------------------
+
+def _enter(model: AdaptiveDepthNet, k: int, h: Tensor) -> Tensor:
+    return model.forward_stem(h) if k == 0 else h
+
+
+def _stage_fn(k: int, skip: bool, last: bool):
+    def fn(model: AdaptiveDepthNet, h: Tensor):
+        h = model.forward_stage(k, _enter(model, k, h), skip)
+        logits = model.forward_head(k, h)
+        return logits if last else (h, logits)
+    return fn
+
+
+def _mandatory_fn(k: int, skipping: bool):
+    def fn(model: AdaptiveDepthNet, h: Tensor):
+        return model.forward_mandatory(k, _enter(model, k, h), skipping)
+    return fn
+
+
+def _skippable_fn(k: int):
+    def fn(model: AdaptiveDepthNet, h: Tensor):
+        return model.forward_skippable(k, h)
+    return fn
+
+
+def _head_fn(k: int):
+    def fn(model: AdaptiveDepthNet, h: Tensor):
+        return model.forward_head(k, h)
+    return fn
+
+
+def stage_pieces(num_stages: int) -> list[PieceDef]:
+    """``stage{k}.full`` / ``stage{k}.skip``: one piece per stage variant, head included."""
+    pieces = []
+    for k in range(num_stages):
+        last = k == num_stages - 1
+        outs = [LOGITS] if last else [features_name(k), LOGITS]
+        for skip in (False, True):
+            pieces.append(PieceDef(f"stage{k}.{'skip' if skip else 'full'}", "stage", k, skip,
+                                   _input_name(k), list(outs), _stage_fn(k, skip, last)))
+    return pieces
+
+
+def split_pieces(num_stages: int) -> list[PieceDef]:
+    """Mandatory / mandatory-with-twin-norms / skippable / head pieces per stage."""
+    pieces = []
+    for k in range(num_stages):
+        pieces += [
+            PieceDef(f"stage{k}.mandatory", "mandatory", k, False, _input_name(k), [f"mid{k}"],
+                     _mandatory_fn(k, False)),
+            PieceDef(f"stage{k}.mandatory_skipnorm", "mandatory", k, True, _input_name(k),
+                     [features_name(k)], _mandatory_fn(k, True)),
+            PieceDef(f"stage{k}.skippable", "skippable", k, False, f"mid{k}", [features_name(k)],
+                     _skippable_fn(k)),
+            PieceDef(f"head{k}", "head", k, None, features_name(k), [LOGITS], _head_fn(k)),
+        ]
+    return pieces
+
+
+def segment_plan(num_stages: int, granularity: str = DEFAULT_GRANULARITY) -> SegmentPlan:
+    """Pieces and execution plans for all 2^S skip configs of an S-stage model."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+    if num_stages < 1:
+        raise ValueError(f"a model needs at least one stage, got {num_stages}")
+    pieces = stage_pieces(num_stages) if granularity == "stage" else split_pieces(num_stages)
+    execution: dict[str, list[list[str]]] = {}
+    for cfg in all_skip_configs(num_stages):
+        segs = []
+        for k, skip in enumerate(cfg):
+            if granularity == "stage":
+                segs.append([f"stage{k}.{'skip' if skip else 'full'}"])
+            elif skip:
+                segs.append([f"stage{k}.mandatory_skipnorm", f"head{k}"])
+            else:
+                segs.append([f"stage{k}.mandatory", f"stage{k}.skippable", f"head{k}"])
+        execution[skip_to_str(cfg)] = segs
+    return SegmentPlan(granularity, num_stages, pieces, execution)
+
+
+# ---------------------------------------------------------------------------------------------
+# running pieces in torch (the parity reference and the source of example inputs)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def run_plan_torch(model: AdaptiveDepthNet, plan: SegmentPlan, x: Tensor, skip_config: str,
+                   ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Chain the torch pieces of ``skip_config``; returns (logits per exit, all named tensors)."""
+    tensors: dict[str, Tensor] = {INPUT_NAME: x}
+    exits = []
+    for seg in plan.execution[skip_config]:
+        for pid in seg:
+            p = plan.piece(pid)
+            tensors.update(zip(p.output_names, p(model, tensors[p.input_name])))
+        exits.append(tensors[LOGITS])
+    return exits, tensors
+
+
+@torch.no_grad()
+def piece_inputs(model: AdaptiveDepthNet, plan: SegmentPlan, x: Tensor) -> dict[str, Tensor]:
+    """The real input of every piece for image batch ``x``: piece id -> tensor.
+
+    A piece of stage k reads the features that the *not skipped* path (config FF..F) produces,
+    except ``stage{k}.skippable``-style pieces, whose input exists on that path anyway.
+    (Features entering stage k differ between configs, but every piece is exercised on the
+    all-F path's values here and on every config's values by the chained check.)
+    """
+    _, tensors = run_plan_torch(model, plan, x, "F" * plan.num_stages)
+    return {p.id: tensors[p.input_name] for p in plan.pieces}
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters per piece
+# ---------------------------------------------------------------------------------------------
+
+class _ParamRecorder(TorchFunctionMode):
+    """Records every parameter passed to a torch function (id -> numel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        stack = list(args) + list(kwargs.values())
+        while stack:
+            a = stack.pop()
+            if isinstance(a, nn.Parameter):
+                self.seen[id(a)] = a.numel()
+            elif isinstance(a, (list, tuple)):
+                stack.extend(a)
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def piece_params(model: AdaptiveDepthNet, plan: SegmentPlan, inputs: dict[str, Tensor]) -> dict[str, int]:
+    """Parameters each piece uses (twin norms count only for the skip variants)."""
+    out = {}
+    for p in plan.pieces:
+        with _ParamRecorder() as rec:
+            p(model, inputs[p.id][:1])
+        out[p.id] = sum(rec.seen.values())
+    return out
+
+
+def piece_macs_table(plan: SegmentPlan, macs: dict) -> dict[str, int]:
+    """Batch-1 MACs per piece from ``train.models.macs.piece_macs`` (stem counted in stage 0)."""
+    out = {}
+    for p in plan.pieces:
+        k = p.stage
+        stem = macs["stem"] if k == 0 else 0
+        if p.kind == "stage":
+            body = macs["mandatory_skipping"][k] if p.skip else macs["mandatory"][k] + macs["skippable"][k]
+            out[p.id] = stem + body + macs["head"][k]
+        elif p.kind == "mandatory":
+            out[p.id] = stem + (macs["mandatory_skipping"][k] if p.skip else macs["mandatory"][k])
+        elif p.kind == "skippable":
+            out[p.id] = macs["skippable"][k]
+        else:
+            out[p.id] = macs["head"][k]
+    return out
+
+
+def config_strings(num_stages: int) -> list[str]:
+    return [skip_to_str(c) for c in all_skip_configs(num_stages)]
+
+
+def prefix_order(configs: Sequence[str]) -> list[str]:
+    """Every distinct config prefix ('F', 'T', 'FF', ...), shortest first (for cached chaining)."""
+    seen: dict[str, None] = {}
+    for n in range(1, max(len(c) for c in configs) + 1):
+        for c in configs:
+            seen.setdefault(c[:n], None)
+    return list(seen)

@@ -1,0 +1,314 @@
+"""Pack a bundle directory into a deterministic .tar.gz, and unpack one safely (stdlib only).
+
+Archive layout: one top-level directory (default: the bundle directory's name) holding the
+bundle: ``<top>/``, ``<top>/manifest.json`` first, then every other directory and regular
+file under the bundle, sorted by path. Determinism: fixed order, mtime 0 (or the given
+``mtime``), uid/gid 0, empty user/group names, modes normalised to 0644 / 0755 (0755 for
+files with the owner-exec bit), gzip header without file name and with mtime 0. The same
+bundle contents and top-level name give byte-identical archives.
+
+``unpack_bundle`` refuses, with :class:`ArchiveError` naming the archive and the member,
+and *before writing anything*: absolute names, ``..`` components, backslashes, control
+characters, symlinks, hard links, device files, FIFOs and any other non-regular,
+non-directory member, members outside the single top-level directory, duplicate names, a
+name used both as a file and as a directory, and more members/bytes than the limits. It
+extracts (our own code, not ``TarFile.extract``: files created with O_EXCL|O_NOFOLLOW,
+modes/owners/mtimes from the archive ignored) into a temp directory next to the
+destination, verifies the bundle there, and only then renames it into place: on any
+failure nothing is left at (or next to) the destination.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import stat
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Optional
+
+from .atomic import atomic_directory, atomic_writer
+from .bundle import Bundle
+from .errors import ArchiveError, BundleIntegrityError, ManifestError
+from .manifest import MANIFEST_NAME
+
+__all__ = ["pack_bundle", "unpack_bundle", "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_BYTES"]
+
+DEFAULT_MAX_MEMBERS = 100_000
+DEFAULT_MAX_BYTES = 64 * 1024 ** 3  # 64 GiB of uncompressed content
+_CHUNK = 1 << 20
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _name_problem(name: str) -> Optional[str]:
+    """Why a '/'-separated archive name is unsafe, else None. Allows './' and a trailing '/'."""
+    if not name:
+        return "empty name"
+    if name.startswith("/") or name.startswith("\\") or re.match(r"[A-Za-z]:", name):
+        return "absolute path"
+    if "\\" in name:
+        return "backslash in name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "control character in name"
+    parts = name.split("/")
+    if ".." in parts:
+        return "'..' component escapes the destination"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    return None
+
+
+def _parts(name: str) -> list[str]:
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+# ------------------------------------------------------------------------------------------
+# pack
+# ------------------------------------------------------------------------------------------
+
+def pack_bundle(bundle_dir: os.PathLike | str, out_tar_gz: os.PathLike | str, *,
+                arcname: Optional[str] = None, verify: bool = True, mtime: int = 0,
+                compresslevel: int = 6) -> Path:
+    """Write ``bundle_dir`` as a deterministic ``.tar.gz`` at ``out_tar_gz`` (atomically).
+
+    The bundle is opened (and with ``verify`` fully verified) first; every regular file and
+    directory under it is packed. Symlinks, device files etc. in the bundle directory are
+    refused (ArchiveError naming the path). Returns ``Path(out_tar_gz)``.
+    """
+    bundle = Bundle.open(bundle_dir, verify=verify)
+    root = bundle.root
+    out = Path(out_tar_gz)
+    out_abs = Path(os.path.abspath(out))
+    try:
+        out_parent = out_abs.parent.resolve()
+    except OSError:
+        out_parent = out_abs.parent
+    if out_parent == root or root in out_parent.parents:
+        raise ArchiveError(out, f"output archive must not be inside the bundle directory {root}")
+    top = root.name if arcname is None else arcname
+    if "/" in top or _name_problem(top) or top in (".", ".."):
+        raise ArchiveError(out, f"invalid top-level directory name {top!r}")
+
+    dirs: list[str] = []
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            why = _name_problem(rel)
+            if why:
+                raise ArchiveError(full, f"cannot pack: {why}")
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                raise ArchiveError(full, "cannot pack a symlink (bundles hold regular files "
+                                         "and directories only)")
+            if stat.S_ISDIR(st.st_mode):
+                dirs.append(rel)
+            elif stat.S_ISREG(st.st_mode):
+                files.append(rel)
+            else:
+                raise ArchiveError(full, "cannot pack: not a regular file or directory")
+        dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))
+                       and not os.path.islink(os.path.join(dirpath, d))]
+    entries = sorted([(r, True) for r in dirs] + [(r, False) for r in files if r != MANIFEST_NAME])
+
+    def info(name: str, is_dir: bool, size: int = 0, exe: bool = False) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+        ti.mode = 0o755 if (is_dir or exe) else 0o644
+        ti.size = 0 if is_dir else size
+        ti.mtime = int(mtime)
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        return ti
+
+    def add_file(tf: tarfile.TarFile, rel: str) -> None:
+        full = os.path.join(root, rel)
+        fd = os.open(full, os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ArchiveError(full, "cannot pack: not a regular file")
+            try:
+                tf.addfile(info(f"{top}/{rel}", False, st.st_size,
+                                bool(st.st_mode & stat.S_IXUSR)), f)
+            except OSError as e:  # file shrank while packing
+                raise ArchiveError(full, f"cannot pack: {e}") from None
+
+    with atomic_writer(out, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel,
+                           mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT,
+                              encoding="utf-8") as tf:
+                tf.addfile(info(top, True))
+                add_file(tf, MANIFEST_NAME)
+                for rel, is_dir in entries:
+                    if is_dir:
+                        tf.addfile(info(f"{top}/{rel}", True))
+                    else:
+                        add_file(tf, rel)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# unpack
+# ------------------------------------------------------------------------------------------
+
+def _plan(arc: Path, members: list[tarfile.TarInfo], max_members: int,
+          max_bytes: int) -> tuple[str, list[tuple[tarfile.TarInfo, str, bool]]]:
+    """Validate all members; return (top, [(member, relpath_in_bundle, is_dir)])."""
+    if not members:
+        raise ArchiveError(arc, "empty archive")
+    if len(members) > max_members:
+        raise ArchiveError(arc, f"too many members ({len(members)} > {max_members})")
+    top: Optional[str] = None
+    plan = []
+    kinds: dict[str, bool] = {}  # relpath -> is_dir (members and implied ancestors)
+    explicit: set[str] = set()  # relpaths named by a member
+    explicit_top: set[str] = set()
+    total = 0
+    for m in members:
+        name = m.name
+        why = _name_problem(name)
+        if why:
+            raise ArchiveError(arc, why, member=name)
+        if m.issym():
+            raise ArchiveError(arc, f"symlink (-> {m.linkname!r}) not allowed in a bundle",
+                               member=name)
+        if m.islnk():
+            raise ArchiveError(arc, f"hard link (-> {m.linkname!r}) not allowed in a bundle",
+                               member=name)
+        if m.ischr() or m.isblk():
+            raise ArchiveError(arc, "device file not allowed in a bundle", member=name)
+        if m.isfifo():
+            raise ArchiveError(arc, "FIFO not allowed in a bundle", member=name)
+        is_dir = m.isdir()
+        if not is_dir and m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise ArchiveError(arc, f"unsupported member type {m.type!r} (only regular files "
+                                    "and directories)", member=name)
+        parts = _parts(name)
+        if not parts:
+            if not is_dir:
+                raise ArchiveError(arc, "empty name", member=name)
+            continue  # "./": the archive root itself
+        if top is None:
+            top = parts[0]
+        if parts[0] != top:
+            raise ArchiveError(arc, f"outside the bundle directory {top!r} (an archive holds "
+                                    "exactly one top-level directory)", member=name)
+        if len(parts) == 1:
+            if not is_dir:
+                raise ArchiveError(arc, "regular file at the top level is outside the bundle "
+                                        "directory", member=name)
+            if top in explicit_top:
+                raise ArchiveError(arc, "duplicate member name", member=name)
+            explicit_top.add(top)
+            continue
+        rel = "/".join(parts[1:])
+        if rel in explicit:
+            raise ArchiveError(arc, "duplicate member name", member=name)
+        # every ancestor must be (or become) a directory, never a file
+        for i in range(1, len(parts) - 1):
+            anc = "/".join(parts[1:i + 1])
+            if kinds.get(anc) is False:
+                raise ArchiveError(arc, f"{anc!r} is both a file and a directory", member=name)
+            kinds[anc] = True
+        if kinds.get(rel) is True and not is_dir:
+            raise ArchiveError(arc, f"{rel!r} is both a file and a directory", member=name)
+        kinds[rel] = is_dir
+        explicit.add(rel)
+        if not is_dir:
+            if m.size < 0:
+                raise ArchiveError(arc, "negative size", member=name)
+            total += m.size
+            if total > max_bytes:
+                raise ArchiveError(arc, f"more than {max_bytes} bytes of content", member=name)
+        plan.append((m, rel, is_dir))
+    if top is None:
+        raise ArchiveError(arc, "empty archive")
+    if kinds.get(MANIFEST_NAME) is not False:
+        raise ArchiveError(arc, f"no {top}/{MANIFEST_NAME} in the archive (not a bundle?)")
+    return top, plan
+
+
+def unpack_bundle(tar_gz: os.PathLike | str, dest_dir: os.PathLike | str, *,
+                  overwrite: bool = False, verify: bool = True,
+                  max_members: int = DEFAULT_MAX_MEMBERS,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
+    """Extract the bundle in ``tar_gz`` so that ``dest_dir`` becomes the bundle directory.
+
+    The archive's single top-level directory is stripped: ``<top>/manifest.json`` becomes
+    ``dest_dir/manifest.json``. Atomic: extraction and verification happen in a temp dir
+    next to ``dest_dir``, renamed into place only on success. ``dest_dir`` must not exist
+    unless ``overwrite``. Raises ArchiveError (naming the archive, and the member where
+    one is at fault). Returns ``Path(dest_dir)``.
+    """
+    arc = Path(tar_gz)
+    dest = Path(dest_dir)
+    if not overwrite and os.path.lexists(dest):
+        raise ArchiveError(arc, f"destination {os.fspath(dest)!r} already exists "
+                                "(overwrite=False)")
+    try:
+        tf = tarfile.open(arc, mode="r:gz", encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise ArchiveError(arc, "archive not found") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise ArchiveError(arc, f"not a readable .tar.gz: {e}") from None
+    with tf:
+        try:
+            members = tf.getmembers()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise ArchiveError(arc, f"corrupt archive: {e}") from None
+        top, plan = _plan(arc, members, max_members, max_bytes)
+        try:
+            with atomic_directory(dest, overwrite=overwrite) as tmp:
+                for m, rel, is_dir in plan:
+                    _extract_one(arc, tf, m, rel, is_dir, tmp)
+                try:
+                    Bundle.open(tmp, verify=verify)
+                except ManifestError as e:
+                    where = f"{e.json_path}: " if e.json_path else ""
+                    raise ArchiveError(arc, f"invalid manifest: {where}{e.reason}",
+                                       member=f"{top}/{MANIFEST_NAME}") from e
+                except BundleIntegrityError as e:
+                    raise ArchiveError(arc, f"bundle verification failed: {e.reason}",
+                                       member=f"{top}/{e.relpath}" if e.relpath else None) from e
+        except FileExistsError:
+            raise ArchiveError(arc, f"destination {os.fspath(dest)!r} already exists "
+                                    "(overwrite=False)") from None
+    return dest
+
+
+def _extract_one(arc: Path, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, is_dir: bool,
+                 tmp: Path) -> None:
+    target = os.path.join(tmp, *rel.split("/"))
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)  # parents are all dirs we created (no symlinks exist)
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+        return
+    try:
+        src = tf.extractfile(m)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise ArchiveError(arc, f"cannot read member: {e}", member=m.name) from None
+    if src is None:  # pragma: no cover - only regular files reach here
+        raise ArchiveError(arc, "member has no data", member=m.name)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW |
+                 getattr(os, "O_BINARY", 0), 0o666)
+    with os.fdopen(fd, "wb") as out, src:
+        left = m.size
+        try:
+            while left > 0:
+                b = src.read(min(_CHUNK, left))
+                if not b:
+                    raise ArchiveError(arc, "unexpected end of data", member=m.name)
+                out.write(b)
+                left -= len(b)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise ArchiveError(arc, f"corrupt member data: {e}", member=m.name) from None
+        except OSError as e:
+            raise ArchiveError(arc, f"cannot extract member: {e}", member=m.name) from None

@@ -1,0 +1,33 @@
+"""Execution backends for bundle pieces. Each is imported lazily: a device needs only its own."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+BACKENDS = ("onnxruntime", "tvm", "tensorrt")
+
+
+class PieceRunner(Protocol):
+    """Runs one compiled piece: named float32 inputs in, outputs in manifest order out."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+def open_runner(backend: str, path: str | Path, options: dict[str, Any] | None = None) -> PieceRunner:
+    """Open the artifact at ``path`` with ``backend`` (options come from the device profile)."""
+    options = dict(options or {})
+    if backend in ("onnxruntime", "onnx"):
+        from runtime.backends.onnxruntime_runner import ORTPieceRunner
+        return ORTPieceRunner(path, **options)
+    if backend == "tvm":
+        from runtime.backends.tvm_runner import TVMPieceRunner
+        return TVMPieceRunner(path, **{k: v for k, v in options.items() if k == "device"})
+    if backend == "tensorrt":
+        from runtime.backends.tensorrt_runner import TensorRTPieceRunner
+        return TensorRTPieceRunner(path, **options)
+    raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
