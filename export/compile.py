@@ -17,6 +17,7 @@ atomically; the manifest names the device profile.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -29,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from export.onnx_export import ExportError
 from export.parity import compare_runners, ort_runner
-from export.portable import ONNX_DIR, _check_out, _json_safe, tool_version, write_archive
+from export.portable import _check_out, _json_safe, tool_version, write_archive
 from runtime.atomic import atomic_directory
 from runtime.bundle import Bundle
 from runtime.manifest import MANIFEST_NAME, Manifest, save_manifest, utc_now_iso
@@ -38,8 +40,8 @@ from runtime.manifest import MANIFEST_NAME, Manifest, save_manifest, utc_now_iso
 Progress = Callable[[str], None]
 COMPILE_BACKENDS = ("onnxruntime", "tvm", "tensorrt")
 VERIFY_SAMPLES = 4
-UNTUNED_NOTE = ("untuned TVM CPU code is far slower than ONNX Runtime here (40-70x on the ResNet "
-                "pieces; docs/export.md): tune with --tune-trials N, and the profile's backend order "
+UNTUNED_NOTE = ("untuned TVM CPU code is far slower than ONNX Runtime here (20-70x on the ResNet "
+                "pieces, docs/export.md): tune with --tune-trials N; the profile's backend order "
                 "decides which backend the runtime prefers")
 
 _ID_BAD = re.compile(r"[^A-Za-z0-9_.+\-]")
@@ -54,15 +56,17 @@ class BackendUnavailable(ValueError):
     """A backend cannot be compiled here (or not for this profile)."""
 
 
+class CompileError(ExportError):
+    """A backend failed to compile a piece."""
+
+
 # ---------------------------------------------------------------------------------------------
 # per-backend availability and targets
 # ---------------------------------------------------------------------------------------------
 
 def _tvm_target_name(target: dict, arch: str) -> str:
-    kind = target.get("kind", "llvm")
-    if kind == "cuda":
-        return _ident(f"cuda-{target.get('arch', 'gpu')}")
-    return _ident(f"{arch}-{target.get('mcpu') or kind}")
+    from export.tvm import target_slug
+    return _ident(target_slug(target))
 
 
 def _tvm_device(target: dict) -> str:
@@ -81,18 +85,26 @@ def check_backend(profile, backend: str) -> None:
         import onnxruntime  # noqa: F401  (a hard dependency)
     elif backend == "tvm":
         try:
-            import export.tvm  # noqa: F401
+            from export.tvm import cross_compiler, validate_target
+            from export.tvm.compile import require_tvm
         except ImportError as exc:
-            raise BackendUnavailable(f"tvm: cannot import export.tvm ({exc}); install the tvm extra "
-                                     "(pip install -e '.[tvm]')") from None
+            raise BackendUnavailable(f"tvm: cannot import export.tvm ({exc})") from None
+        try:
+            require_tvm()
+        except ImportError as exc:
+            raise BackendUnavailable(f"tvm: {exc}") from None
         target = spec.options.get("target") or {}
+        try:
+            validate_target(target, check_with_tvm=False)
+        except ValueError as exc:
+            raise BackendUnavailable(f"tvm: bad target in profile {profile.name!r}: {exc}") from None
         if target.get("kind") == "cuda" and shutil.which("nvcc") is None:
-            raise BackendUnavailable("tvm: the profile's target is CUDA and nvcc is not on PATH")
-        triple = str(target.get("mtriple") or target.get("host", {}).get("mtriple", ""))
-        if triple.startswith("aarch64") and os.uname().machine not in ("aarch64", "arm64") \
-                and shutil.which("aarch64-linux-gnu-g++") is None:
-            raise BackendUnavailable("tvm: cross-compiling for aarch64 needs aarch64-linux-gnu-g++ "
-                                     "(apt install g++-aarch64-linux-gnu)")
+            raise BackendUnavailable("tvm: the profile's target is CUDA and nvcc is not on PATH "
+                                     "(kernels are compiled ahead of time)")
+        cxx = cross_compiler(target)
+        if shutil.which(cxx) is None:
+            raise BackendUnavailable(f"tvm: linking for this target needs {cxx}, which is not on PATH"
+                                     + (" (apt install g++-aarch64-linux-gnu)" if "aarch64" in cxx else ""))
     elif backend == "tensorrt":
         if not profile.hardware.has_gpu:
             raise BackendUnavailable(f"tensorrt: profile {profile.name!r} has no GPU")
@@ -108,28 +120,35 @@ def check_backend(profile, backend: str) -> None:
 # compilers: (profile, spec options, onnx path, out dir, rel stem) -> (relpath, options)
 # ---------------------------------------------------------------------------------------------
 
-def _compile_ort(profile, options: dict, onnx_path: Path, root: Path, piece_id: str, **_kw):
+def _compile_ort(profile, options: dict, onnx_path: Path, root: Path, piece_id: str, *, target: str, **_kw):
     from export.onnxruntime_backend import optimize_onnx
 
-    rel = f"onnxruntime/{piece_id}.onnx"
+    rel = f"onnxruntime/{target}/{piece_id}.onnx"
     opts = optimize_onnx(onnx_path, root / rel, options)
     return rel, opts, f"saved at level '{opts['saved_optimization_level']}'"
 
 
-def _compile_tvm(profile, options: dict, onnx_path: Path, root: Path, piece_id: str, *,
+def _compile_tvm(profile, options: dict, onnx_path: Path, root: Path, piece_id: str, *, target: str,
                  tune_trials: int = 0, tuning_db_dir: Path | None = None, **_kw):
     from export.tvm import compile_onnx
 
-    target = dict(options["target"])
-    rel = f"tvm/{piece_id}.so"
+    rel = f"tvm/{target}/{piece_id}.so"
+    tvm_target = dict(options["target"])
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    artifact = compile_onnx(onnx_path, target, root / rel, tune_trials=tune_trials,
+    artifact = compile_onnx(onnx_path, tvm_target, root / rel, tune_trials=tune_trials,
                             tuning_db_dir=tuning_db_dir, progress=None)
     info = _artifact_info(artifact)
-    rel = Path(info.pop("path", root / rel)).resolve().relative_to(root.resolve()).as_posix()
-    opts = {"target": target, "opt_level": options.get("opt_level", 3), "device": _tvm_device(target),
+    lib = Path(info.pop("path", root / rel)).resolve()
+    rel = lib.relative_to(root.resolve()).as_posix()
+    meta = lib.with_name(lib.name + ".json")  # the runner reads names/batch from this sidecar
+    if meta.is_file():
+        from runtime.manifest import sha256_file
+        info["metadata"] = {"file": meta.relative_to(root.resolve()).as_posix(),
+                            "sha256": sha256_file(meta), "size_bytes": meta.stat().st_size}
+    opts = {"target": tvm_target, "opt_level": options.get("opt_level", 3), "device": _tvm_device(tvm_target),
             "tune_trials": int(tune_trials), "tuned": bool(tune_trials), **info}
-    return rel, _json_safe(opts), ("tuned" if tune_trials else "untuned") + f" {target.get('kind')}"
+    what = "tuned" if opts.get("tuned") else "untuned"
+    return rel, _json_safe(opts), f"{what} {tvm_target.get('kind')}, batch {opts.get('batch') or 'any'}"
 
 
 def _artifact_info(artifact: Any) -> dict:
@@ -150,7 +169,7 @@ def _artifact_info(artifact: Any) -> dict:
             if v is not None and Path(v).is_absolute():
                 out["path"] = str(v)
             continue
-        if k in ("target",):
+        if k in ("target", "tuning_db"):  # the profile's dict is kept; cache paths are host-local
             continue
         out[k] = v
     return out
@@ -298,27 +317,46 @@ def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src.resolve(a.file), dst)
                 onnx_paths[p.id] = dst
-            for backend in chosen:
+            for backend in list(chosen):
                 spec_options = dict(profile.backend(backend).options)
                 target = _target(profile, backend)
                 t_b = time.perf_counter()
-                for p in manifest.pieces:
+                for i, p in enumerate(manifest.pieces):
                     t0 = time.perf_counter()
                     onnx_rel = p.find_artifacts("onnx")[0].file
-                    rel, opts, note = _COMPILERS[backend](
-                        profile, spec_options, onnx_paths[p.id], tmp, p.id, onnx_rel=onnx_rel,
-                        tune_trials=tune_trials,
-                        tuning_db_dir=Path(tuning_db_dir) if tuning_db_dir else None)
+                    try:
+                        rel, opts, note = _COMPILERS[backend](
+                            profile, spec_options, onnx_paths[p.id], tmp, p.id, onnx_rel=onnx_rel,
+                            target=target, tune_trials=tune_trials,
+                            tuning_db_dir=Path(tuning_db_dir) if tuning_db_dir else None)
+                    except Exception as exc:  # noqa: BLE001 - backends raise many types
+                        why = " ".join(str(exc).split()) or type(exc).__name__
+                        if explicit or i > 0:  # tool problems show on the first piece
+                            raise CompileError(f"{backend} compile of piece {p.id!r} for {profile.name} "
+                                               f"failed: {why}") from exc
+                        chosen.remove(backend)
+                        skipped[backend] = why
+                        if backend != "tensorrt":  # leave no stray files behind
+                            shutil.rmtree(tmp / backend / target, ignore_errors=True)
+                            with contextlib.suppress(OSError):
+                                (tmp / backend).rmdir()
+                        progress(f"skip    {backend}: {why}")
+                        break
                     art = manifest.add_artifact_file(tmp, p.id, rel, backend=backend, target=target,
                                                      options=opts, replace=True)
                     progress(f"{backend:<11} {p.id:<28} {(time.perf_counter() - t0) * 1e3:8.0f} ms  "
                              f"{art.size_bytes / 1024:8.1f} KiB  {target}  {note}")
+                if backend not in chosen:
+                    continue
                 entry: dict[str, Any] = {"target": target, "seconds": round(time.perf_counter() - t_b, 3)}
                 if verify and _can_run_here(profile, backend):
                     entry["max_logits_diff_vs_onnxruntime"] = _verify(manifest, tmp, backend, target, progress)
                 elif verify:
                     entry["verified"] = f"not runnable on this host ({profile.arch} target)"
                 report[backend] = entry
+            if not chosen:
+                raise ValueError(f"nothing could be compiled for profile {profile.name!r}: "
+                                 + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
             manifest.annotations = {**manifest.annotations, "compile": _json_safe({
                 "profile": profile.name, "profile_source": profile.source, "arch": profile.arch,
                 "backend_order": [b for b in profile.backend_order() if b in chosen],

@@ -30,6 +30,7 @@ DEFAULT_OPSET = 17
 BATCH_DIM = "N"
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest implemented opset (17 -> 18, not down-converted)
 
 
 class ExportError(RuntimeError):
@@ -94,7 +95,7 @@ def export_module(module: nn.Module, example: Tensor, path: str | os.PathLike, *
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), input_names=[input_name],
-                          output_names=list(output_names), opset_version=opset,
+                          output_names=list(output_names), opset_version=max(opset, DYNAMO_MIN_OPSET),
                           dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},),
                           dynamo=True, external_data=False, verbose=False)
     _fix_io_shapes(path, shapes)

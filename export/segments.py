@@ -204,10 +204,9 @@ def run_plan_torch(model: AdaptiveDepthNet, plan: SegmentPlan, x: Tensor, skip_c
 def piece_inputs(model: AdaptiveDepthNet, plan: SegmentPlan, x: Tensor) -> dict[str, Tensor]:
     """The real input of every piece for image batch ``x``: piece id -> tensor.
 
-    A piece of stage k reads the features that the *not skipped* path (config FF..F) produces,
-    except ``stage{k}.skippable``-style pieces, whose input exists on that path anyway.
-    (Features entering stage k differ between configs, but every piece is exercised on the
-    all-F path's values here and on every config's values by the chained check.)
+    Inputs are taken on the all-F path (every stage runs in full), where every tensor name a
+    piece reads exists. The chained check (``export.parity.check_chains``) then covers the
+    inputs every other skip config produces.
     """
     _, tensors = run_plan_torch(model, plan, x, "F" * plan.num_stages)
     return {p.id: tensors[p.input_name] for p in plan.pieces}
@@ -263,10 +262,6 @@ def piece_macs_table(plan: SegmentPlan, macs: dict) -> dict[str, int]:
         else:
             out[p.id] = macs["head"][k]
     return out
-
-
-def config_strings(num_stages: int) -> list[str]:
-    return [skip_to_str(c) for c in all_skip_configs(num_stages)]
 
 
 def prefix_order(configs: Sequence[str]) -> list[str]:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import click
 
+from pipeline.devices_cli import devices
 from pipeline.errors import PipelineGroup
 from pipeline.export_cmd import compile_cmd, engines_cmd, export_cmd
 from pipeline.models_cmd import models
+from pipeline.profile_cmd import profile
+from pipeline.runtime_cmd import calibrate_cmd, predict_cmd, run_cmd
 from pipeline.train_cmd import train
 
 
@@ -24,17 +27,11 @@ cli.add_command(models)
 cli.add_command(export_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(engines_cmd)
-
-
-def _add_optional_commands() -> None:
-    try:
-        from pipeline.devices_cli import devices
-    except ImportError:  # pragma: no cover - until the devices commands exist
-        return
-    cli.add_command(devices)
-
-
-_add_optional_commands()
+cli.add_command(profile)
+cli.add_command(devices)
+cli.add_command(predict_cmd)
+cli.add_command(run_cmd)
+cli.add_command(calibrate_cmd)
 
 
 def main() -> None:

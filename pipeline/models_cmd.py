@@ -43,9 +43,9 @@ def show(name: str, input_size: int | None, in_chans: int, num_classes: int, as_
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    size = summary.get("input_size", input_size)
+    shape = "x".join(str(d) for d in summary["input_size"])
     click.echo(f"{summary['name']}: {summary['params'] / 1e6:.3f} M params, {summary['stages']} stages, "
-               f"input {size}x{size}x{in_chans}, {num_classes} classes")
+               f"input {shape} (CxHxW), {num_classes} classes")
     exits = len(summary["skip_configs"][0]["macs_per_exit"])
     click.echo("MMACs to reach each exit (T = that stage's skippable sub-path skipped):")
     click.echo(f"{'skip':<8}" + "".join(f"{'exit ' + str(k + 1):>12}" for k in range(exits)))

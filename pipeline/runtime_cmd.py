@@ -1,0 +1,431 @@
+"""`pipeline predict`, `pipeline run`, `pipeline calibrate`: a bundle's deployed artifacts at work.
+
+All three go through :class:`runtime.AdaptiveModel` (the on-device API), so they exercise exactly
+what an app embeds: backend selection with fallback, checksums, preprocessing, early exits,
+deadlines. `run` and `calibrate` load data sets with ``train.data`` (this is pipeline/, not
+runtime/).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import numpy as np
+
+BACKENDS = ("onnxruntime", "tvm", "tensorrt", "onnx")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
+                  ".ppm")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+def _bundle_option(f):
+    return click.option("--bundle", "-b", required=True,
+                        type=click.Path(path_type=Path, exists=True, file_okay=False),
+                        help="Bundle directory (portable or compiled for a device).")(f)
+
+
+def _backend_options(f):
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Backend threads per session (onnxruntime intra_op_threads).")(f)
+    f = click.option("--device", "-d", default=None,
+                     help="Device profile for the backend order and latency table "
+                          "(default: the bundle's).")(f)
+    f = click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                     help="Force a backend (default: the device profile's order, with "
+                          "fallback; 'onnx' = the portable ONNX with onnxruntime).")(f)
+    return f
+
+
+def load_model(bundle: Path, backend: Optional[str], device: Optional[str],
+               threads: Optional[int], echo=None):
+    """AdaptiveModel.load with the CLI's options; reports skipped backends on stderr."""
+    from runtime.model import AdaptiveModel
+
+    options = {"intra_op_threads": threads} if threads else None
+    model = AdaptiveModel.load(bundle, backend=backend, device=device, runner_options=options,
+                               warn=False)
+    ch = model.choice
+    if ch is not None and ch.skipped:
+        for b, why in ch.skipped.items():
+            click.echo(f"note: skipped backend {b}: {why}", err=True)
+        click.echo(f"note: using {ch.backend} ({ch.target})", err=True)
+    return model
+
+
+def _rule_label(model, rule: Optional[str]) -> str:
+    if rule:
+        return rule
+    return f"{model.rule_name} (calibrated)" if model.rule_name else "none (full depth)"
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {"p50": math.nan, "p95": math.nan, "p99": math.nan, "mean": math.nan}
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def dataset_for_bundle(manifest, data: Optional[str] = None, data_root: Optional[str] = None):
+    """The bundle's data set with the training run's split parameters (train.data.load_dataset).
+
+    ``data`` overrides the data set name/path/spec (the split parameters still come from the
+    manifest's ``annotations.dataset``, so the validation split is the one training held out).
+    """
+    from train.data import load_dataset
+
+    ann = manifest.annotations if isinstance(manifest.annotations, dict) else {}
+    info = ann.get("dataset") if isinstance(ann.get("dataset"), dict) else {}
+    name = data or info.get("name")
+    if not name:
+        raise ValueError(f"the bundle records no dataset (annotations.dataset.name); pass --data")
+    C, H, W = manifest.input.shape
+    if name == "synthetic":  # the export records the synthetic data set by name only
+        name = f"synthetic:classes={manifest.model.num_classes},chans={C},size={H}"
+    kw: dict[str, Any] = dict(val_fraction=float(info.get("val_fraction", 0.1)),
+                              split_seed=int(info.get("split_seed", 0)))
+    if not str(name).startswith("synthetic"):
+        kw["img_size"] = H
+    ds = load_dataset(name, data_root, **kw)
+    if ds.num_classes != manifest.model.num_classes or ds.in_chans != C or ds.img_size != H:
+        raise ValueError(f"data set {name!r} ({ds.num_classes} classes, {ds.in_chans}x{ds.img_size}"
+                         f"x{ds.img_size}) does not match the model ({manifest.model.num_classes} "
+                         f"classes, {C}x{H}x{W})")
+    return name, ds
+
+
+def split_arrays(split, limit: Optional[int] = None, chunk: int = 512):
+    """uint8 NHWC images and int64 labels of a train.data split (numpy), first ``limit``."""
+    import torch
+
+    n = len(split) if limit is None else min(limit, len(split))
+    xs, ys = [], []
+    for i in range(0, n, chunk):
+        imgs, labels = split.get_batch(torch.arange(i, min(n, i + chunk)))
+        xs.append(imgs.permute(0, 2, 3, 1).contiguous().numpy())
+        ys.append(labels.numpy())
+    if not xs:
+        return np.zeros((0,), dtype=np.uint8), np.zeros((0,), dtype=np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------------------------
+
+def read_input(path: Path, model, resize: bool = False) -> list[tuple[str, np.ndarray]]:
+    """(label, array) items from an image file (PIL) or a .npy file (one sample or a batch)."""
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a plain .npy array ({exc})") from None
+        C, H, W = model.input_shape
+        single = (arr.ndim == 2 or (arr.ndim == 3 and (arr.shape[-1] == C and arr.shape[:2] == (H, W)
+                                                        or arr.dtype != np.uint8)))
+        if single:
+            return [(str(path), arr)]
+        return [(f"{path}[{i}]", a) for i, a in enumerate(arr)] if len(arr) else [(str(path), arr)]
+    from PIL import Image, UnidentifiedImageError
+
+    C, H, W = model.input_shape
+    try:
+        with Image.open(path) as im:
+            if C == 1:
+                im = im.convert("L")
+            elif C == 3:
+                im = im.convert("RGB")
+            else:
+                raise ValueError(f"{path}: the model takes {C}-channel input; pass a .npy array")
+            if im.size != (W, H):
+                if not resize:
+                    raise ValueError(f"{path}: image is {im.size[0]}x{im.size[1]} (WxH), the model "
+                                     f"expects {W}x{H}; pass --resize or resize it yourself")
+                im = im.resize((W, H), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image PIL can read (or pass a .npy array)") from None
+    return [(str(path), arr)]
+
+
+@click.command("predict")
+@_bundle_option
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True,
+                                                                    dir_okay=False))
+@click.option("--budget-ms", type=click.FloatRange(min=0), default=None,
+              help="Deadline per image (anytime prediction).")
+@click.option("--rule", default=None, help="Stopping rule name (default: the calibrated rule).")
+@click.option("--skip-config", default=None, help="Force a skip configuration, e.g. FTF.")
+@click.option("--resize", is_flag=True, help="Resize images to the model's input size.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_backend_options
+def predict_cmd(bundle: Path, inputs: tuple[Path, ...], budget_ms: Optional[float],
+                rule: Optional[str], skip_config: Optional[str], resize: bool, as_json: bool,
+                backend: Optional[str], device: Optional[str], threads: Optional[int]) -> None:
+    """Classify images (PNG/JPEG/... or .npy arrays) with a bundle: class, exit, latency."""
+    model = load_model(bundle, backend, device, threads)
+    items = [item for p in inputs for item in read_input(p, model, resize)]
+    out = []
+    for label, arr in items:
+        try:
+            pred = model.predict(arr, budget_ms=budget_ms, rule=rule, skip_config=skip_config)
+        except ValueError as exc:
+            raise ValueError(f"{label}: {exc}") from None
+        preds = pred if isinstance(pred, list) else [pred]
+        for i, p in enumerate(preds):
+            name = label if len(preds) == 1 else f"{label}[{i}]"
+            out.append((name, p))
+    if as_json:
+        click.echo(json.dumps([{"input": name, **{k: v for k, v in p.to_dict().items()
+                                                  if k != "probabilities"},
+                                "probabilities": [round(float(v), 6) for v in p.probabilities]}
+                               for name, p in out], indent=2))
+        return
+    S = model.stages
+    for name, p in out:
+        miss = "  DEADLINE MISSED" if p.deadline_missed else ""
+        click.echo(f"{name}: class {p.class_id} ({p.class_name}) p={p.confidence:.3f}  "
+                   f"exit {p.exit_index} (depth {p.depth}/{S})  config {p.skip_config}  "
+                   f"{p.latency_ms:.3f} ms{miss}")
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+
+@click.command("run")
+@_bundle_option
+@click.option("--data", default=None, help="Data set name/path/spec (default: the bundle's).")
+@click.option("--data-root", default=None, help="Where the data set lives.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--budget-ms", type=click.FloatRange(min=0), default=None,
+              help="Deadline per predict call (per batch).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per predict call.")
+@click.option("--rule", default=None, help="Stopping rule name (default: the calibrated rule).")
+@click.option("--skip-config", default=None, help="Force a skip configuration.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_backend_options
+def run_cmd(bundle: Path, data: Optional[str], data_root: Optional[str], split: str,
+            budget_ms: Optional[float], batch: int, rule: Optional[str], skip_config: Optional[str],
+            limit: Optional[int], as_json: bool, backend: Optional[str], device: Optional[str],
+            threads: Optional[int]) -> None:
+    """Run a data split through the bundle: accuracy, exit histogram, latency percentiles."""
+    import time
+
+    model = load_model(bundle, backend, device, threads)
+    name, ds = dataset_for_bundle(model.manifest, data, data_root)
+    x, y = split_arrays(getattr(ds, split), limit)
+    if len(y) == 0:
+        raise ValueError(f"the {split} split of {name!r} is empty")
+    if skip_config is not None:
+        model.check_skip_config(skip_config)
+    model.resolve_rule(rule)
+    preds = []
+    t0 = time.perf_counter()
+    for i in range(0, len(y), batch):
+        got = model.predict(x[i:i + batch], budget_ms=budget_ms, rule=rule, skip_config=skip_config)
+        preds.extend(got)
+    wall = time.perf_counter() - t0
+    exits = np.array([p.exit_index for p in preds])
+    correct = np.array([p.class_id for p in preds]) == y
+    hist = np.bincount(exits, minlength=model.stages).tolist()
+    configs: dict[str, int] = {}
+    for p in preds:
+        configs[p.skip_config] = configs.get(p.skip_config, 0) + 1
+    report = {
+        "bundle": str(bundle), "model": model.manifest.model.name, "backend": model.backend,
+        "target": model.target, "data": name, "split": split, "n": int(len(y)),
+        "batch": batch, "budget_ms": budget_ms, "rule": rule or model.rule_name,
+        "accuracy": float(correct.mean()), "correct": int(correct.sum()),
+        "exit_histogram": hist, "mean_depth": float(exits.mean() + 1),
+        "latency_ms": _percentiles([p.latency_ms for p in preds]),
+        "deadline_missed": int(sum(p.deadline_missed for p in preds)),
+        "skip_configs": configs, "throughput_per_s": float(len(y) / wall) if wall > 0 else None,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    lat = report["latency_ms"]
+    n = report["n"]
+    click.echo(f"{report['model']} on {model.backend} ({model.target}); rule "
+               f"{_rule_label(model, rule)}; batch {batch}"
+               + (f"; budget {budget_ms:g} ms" if budget_ms is not None else ""))
+    click.echo(f"data: {name} {split} split, {n} images")
+    click.echo(f"accuracy: {report['accuracy']:.4f} ({report['correct']}/{n})")
+    click.echo("exits: " + "  ".join(f"{k}: {c} ({100.0 * c / n:.1f}%)" for k, c in enumerate(hist))
+               + f"  (mean depth {report['mean_depth']:.2f}/{model.stages})")
+    click.echo(f"latency ms: p50 {lat['p50']:.3f}  p95 {lat['p95']:.3f}  p99 {lat['p99']:.3f}  "
+               f"mean {lat['mean']:.3f}")
+    if budget_ms is not None:
+        click.echo(f"deadline missed: {report['deadline_missed']} "
+                   f"({100.0 * report['deadline_missed'] / n:.1f}%)")
+    click.echo("skip configs: " + "  ".join(f"{c}: {k}" for c, k in sorted(configs.items())))
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------
+
+def _segment_costs(model, cfg: str, profile_runs: int) -> tuple[list[float], str]:
+    """Per-segment cost (ms, p50, batch 1) for the rule fit, and where it came from."""
+    table = model.table
+    if table:
+        try:
+            from devices.latency import segment_costs_ms
+            costs = segment_costs_ms(model.manifest, model.latency_device, table.backend, cfg,
+                                     batch=1, stat="p50", target=None)
+        except (ImportError, LookupError):
+            costs = None
+        if costs is None:
+            got = model.latency.segment_costs(cfg, 1, "p50")
+            costs = None if any(c is None for c in got) else got
+        if costs is not None:
+            return [float(c) for c in costs], (f"latency table ({table.kind}, device "
+                                               f"{model.latency_device}, {table.backend})")
+    if profile_runs > 0:
+        costs = model.profile_segments(cfg, runs=profile_runs)
+        return costs, f"profiled here ({profile_runs} batch-1 runs per segment, p50)"
+    macs = [model.latency.segment_macs(cfg, k) for k in range(model.stages)]
+    total = float(sum(macs)) or 1.0
+    return [m / total for m in macs], "MACs proportions (relative units, not ms)"
+
+
+@click.command("calibrate")
+@_bundle_option
+@click.option("--data", default=None, help="Data set name/path/spec (default: the bundle's; the "
+                                           "split parameters always come from the bundle).")
+@click.option("--data-root", default=None, help="Where the data set lives.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=None,
+              help="Allowed validation accuracy drop vs full depth, in accuracy POINTS "
+                   "(0.5 = half a point).")
+@click.option("--mean-budget-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target mean latency instead of an accuracy drop.")
+@click.option("--rule", default="max_prob", show_default=True,
+              help="Rule to fit: max_prob, entropy, patience, lookahead or full.")
+@click.option("--risk-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
+              help="Risk-controlled calibration: the drop (or mean-latency) target holds with "
+                   "probability >= 1 - DELTA (e.g. 0.1).")
+@click.option("--profile-runs", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Without a latency table: batch-1 runs per segment to time it here "
+                   "(0: use MACs proportions).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="First N validation images only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_backend_options
+def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
+                  max_drop: Optional[float], mean_budget_ms: Optional[float], rule: Optional[str],
+                  risk_delta: Optional[float], profile_runs: int, limit: Optional[int],
+                  as_json: bool, backend: Optional[str], device: Optional[str],
+                  threads: Optional[int]) -> None:
+    """Fit the stopping rule on the validation split with the DEPLOYED artifacts.
+
+    Runs every exit of every skip configuration on the validation split through the runtime,
+    fits the rule (runtime.calibration.calibrate) with per-segment costs from the latency table
+    (else timed here, else MACs proportions), and stores the parameters, validation accuracy
+    and mean latency in the manifest's stopping record, plus the per-configuration validation
+    accuracy (annotations.skip_accuracy, used to pick a configuration for a budget).
+    """
+    from runtime.bundle import Bundle
+    from runtime.calibration import calibrate
+    from runtime.manifest import MANIFEST_NAME, Stopping, save_manifest, utc_now_iso
+
+    from runtime.rules import RULES
+
+    if (max_drop is None) == (mean_budget_ms is None):
+        raise click.UsageError("give exactly one of --max-drop and --mean-budget-ms")
+    if rule not in RULES:
+        raise ValueError(f"unknown stopping rule {rule!r} (known: {', '.join(RULES)})")
+    model = load_model(bundle, backend, device, threads)
+    m = model.manifest
+    name, ds = dataset_for_bundle(m, data, data_root)
+    x, y = split_arrays(ds.val, limit)
+    if len(y) == 0:
+        raise ValueError(f"data set {name!r} has no validation split (val_fraction "
+                         f"{ds.val_fraction}); calibrating on training or test data would be "
+                         "biased")
+    full = "F" * m.stages if "F" * m.stages in m.skip_configs else model.default_skip_config
+    probs_by_cfg = {cfg: model.exit_probabilities(x, cfg) for cfg in m.skip_configs}
+    skip_accuracy = {cfg: float((p[-1].argmax(axis=1) == y).mean())
+                     for cfg, p in probs_by_cfg.items()}
+    costs, cost_source = _segment_costs(model, full, profile_runs)
+    kwargs: dict[str, Any] = {}
+    if max_drop is not None:
+        kwargs["max_drop"] = max_drop
+    else:
+        kwargs["mean_budget_ms"] = mean_budget_ms
+    if risk_delta is not None:
+        kwargs["risk_delta"] = risk_delta
+    if mean_budget_ms is not None and "MACs" in cost_source:
+        raise click.UsageError("--mean-budget-ms needs segment costs in ms: profile the bundle "
+                               "(`pipeline profile`) or allow --profile-runs > 0")
+    result = calibrate(rule, probs_by_cfg[full], y, costs, **kwargs)
+
+    b = Bundle.open(bundle, verify=False)  # re-read: keep concurrent edits (latency tables)
+    new = b.manifest.copy()
+    stopping = result.to_stopping(created=utc_now_iso())
+    new.stopping = Stopping(rule=stopping.rule, params=_json_safe(stopping.params),
+                            val_accuracy=stopping.val_accuracy,
+                            mean_latency_ms=None if "MACs" in cost_source
+                            else stopping.mean_latency_ms,
+                            created=stopping.created)
+    ann = dict(new.annotations)
+    ann["skip_accuracy"] = skip_accuracy
+    ann["calibration"] = _json_safe({
+        "rule": result.rule_name, "skip_config": full, "data": name, "split": "val",
+        "n": int(len(y)), "backend": model.backend, "target": model.target,
+        "segment_ms": costs, "segment_ms_source": cost_source,
+        "max_drop": max_drop, "mean_budget_ms": mean_budget_ms, "risk_delta": risk_delta,
+        "full_depth_accuracy": skip_accuracy[full], "mean_exit": result.mean_exit,
+        "exit_histogram": result.exit_histogram, "requested_rule": rule,
+        "created": new.stopping.created,
+    })
+    new.annotations = ann
+    save_manifest(new, b.root / MANIFEST_NAME)
+    Bundle.open(b.root, verify=True)
+    summary = {"bundle": str(b.root), "rule": result.rule_name, "params": new.stopping.params,
+               "val_accuracy": new.stopping.val_accuracy,
+               "mean_latency_ms": new.stopping.mean_latency_ms,
+               "full_depth_accuracy": skip_accuracy[full], "skip_config": full,
+               "segment_ms": costs, "segment_ms_source": cost_source, "n": int(len(y)),
+               "exit_histogram": result.exit_histogram, "skip_accuracy": skip_accuracy}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"calibrated {result.rule_name} on {name} val split ({len(y)} images) with "
+               f"{model.backend} ({model.target})")
+    click.echo(f"segment costs: {', '.join(f'{c:.3f}' for c in costs)}  [{cost_source}]")
+    acc = new.stopping.val_accuracy
+    click.echo(f"validation accuracy: {acc:.4f} (full depth {skip_accuracy[full]:.4f})"
+               if acc is not None else "validation accuracy: n/a")
+    if new.stopping.mean_latency_ms is not None:
+        click.echo(f"mean latency: {new.stopping.mean_latency_ms:.3f} ms")
+    click.echo(f"exits: {result.exit_histogram}  (mean depth {result.mean_exit:.2f}/{m.stages})")
+    click.echo(f"params: {json.dumps(new.stopping.params)}")
+    click.echo("per-config validation accuracy: " + "  ".join(
+        f"{c} {a:.3f}" for c, a in skip_accuracy.items()))
+    click.echo(f"wrote {b.root / MANIFEST_NAME} (stopping record; bundle verified)")
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON: numpy scalars/arrays to Python, non-finite floats to None, str keys."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)

@@ -1,0 +1,315 @@
+"""Deadline bookkeeping for anytime prediction: clocks, latency estimates, budgets (numpy only).
+
+* :class:`Deadline` - one call's budget, measured on an injectable clock (seconds, monotonic;
+  ``time.perf_counter`` by default; :class:`FakeClock` in tests).
+* :class:`LatencyTable` - a read-only view of the bundle's latency table for one
+  (device, backend[, target]): per-segment and full-depth percentiles per skip config and batch.
+* :class:`OnlineLatency` - thread-safe recent segment timings measured while predicting
+  (measure-as-you-go when the bundle has no table).
+* :class:`LatencyModel` - what the runtime asks: "how long will segment k of config c take at
+  batch n?" Table first (measured or estimated), then online measurements, then batch-1 figures
+  scaled by n, then MAC-proportional scaling of whatever was measured; ``None`` = no idea yet.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = ["Clock", "FakeClock", "Deadline", "LatencyTable", "OnlineLatency", "LatencyModel",
+           "check_budget", "STATS"]
+
+#: A clock returns seconds from an arbitrary origin, monotonic (like ``time.perf_counter``).
+Clock = Callable[[], float]
+#: Statistics a latency entry has (``<stat>_ms`` fields of runtime.manifest.LatencyEntry).
+STATS = ("p50", "p90", "p95", "p99", "mean")
+#: Comparisons with the budget tolerate 1 ns of floating-point noise in clock differences.
+EPS_MS = 1e-6
+
+
+def check_budget(budget_ms: object) -> Optional[float]:
+    """``None`` or a finite number >= 0 (ms); ValueError otherwise."""
+    if budget_ms is None:
+        return None
+    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float, np.integer,
+                                                                  np.floating)):
+        raise ValueError(f"budget_ms: expected a number of milliseconds or None, "
+                         f"got {type(budget_ms).__name__}")
+    b = float(budget_ms)
+    if not math.isfinite(b):
+        raise ValueError(f"budget_ms: expected a finite number, got {budget_ms!r}")
+    if b < 0:
+        raise ValueError(f"budget_ms: must be >= 0, got {budget_ms!r}")
+    return b
+
+
+class FakeClock:
+    """A clock that only moves when told to: ``clock()`` -> seconds, ``clock.advance(ms)``.
+
+    Thread-safe. Use it to test deadline behaviour deterministically, e.g. with an executor
+    wrapper that advances the clock by a fixed duration per segment.
+    """
+
+    def __init__(self, start_s: float = 0.0) -> None:
+        self._t = float(start_s)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._t
+
+    def advance(self, ms: float) -> None:
+        if ms < 0:
+            raise ValueError("a clock cannot go backwards")
+        with self._lock:
+            self._t += ms / 1000.0
+
+
+class Deadline:
+    """The budget of one predict call, started at ``start`` (clock seconds; default: now)."""
+
+    def __init__(self, budget_ms: Optional[float], clock: Clock = time.perf_counter,
+                 start: Optional[float] = None) -> None:
+        self.budget_ms = check_budget(budget_ms)
+        self.clock = clock
+        self.start = clock() if start is None else float(start)
+
+    def elapsed_ms(self) -> float:
+        return (self.clock() - self.start) * 1000.0
+
+    def remaining_ms(self) -> float:
+        return math.inf if self.budget_ms is None else self.budget_ms - self.elapsed_ms()
+
+    def fits(self, next_ms: Optional[float]) -> bool:
+        """Would running something that takes ``next_ms`` now still end within the budget?
+
+        No budget, or an unknown duration (``None``), fits.
+        """
+        if self.budget_ms is None or next_ms is None:
+            return True
+        return self.elapsed_ms() + next_ms <= self.budget_ms + EPS_MS
+
+    def missed(self, latency_ms: float) -> bool:
+        return self.budget_ms is not None and latency_ms > self.budget_ms + EPS_MS
+
+
+class LatencyTable:
+    """The manifest's latency entries for ``device`` and ``backend`` (optionally ``target``).
+
+    ``backend`` is a runtime backend name ("onnxruntime", "tvm", "tensorrt"); the portable
+    ONNX runs with onnxruntime, so pass "onnxruntime" for it (its entries have target
+    "portable"). Entries of ``target`` are used when the group has them, else those of the
+    group's first target. Full depth is the cumulative entry of the last exit, else the sum of
+    the segments.
+    """
+
+    def __init__(self, manifest, device: Optional[str], backend: str,
+                 target: Optional[str] = None) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.backend = backend
+        self.target = target
+        self._by_batch: dict[int, dict[tuple, object]] = {}
+        if device is None:
+            return
+        groups: dict[int, list] = {}
+        for e in manifest.latency:
+            if e.device == device and e.backend == backend:
+                groups.setdefault(e.batch, []).append(e)
+        for batch, entries in groups.items():
+            targets = sorted({e.target for e in entries})
+            use = target if target in targets else targets[0]
+            self._by_batch[batch] = {(e.piece, e.exit, e.skip_config): e
+                                     for e in entries if e.target == use}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_batch)
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted(self._by_batch)
+
+    @property
+    def kind(self) -> Optional[str]:
+        """'measured' / 'estimated' (of the batch-1 group, else the smallest batch), or None."""
+        if not self._by_batch:
+            return None
+        group = self._by_batch.get(1) or self._by_batch[min(self._by_batch)]
+        return next(iter(group.values())).kind  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _val(entry, stat: str) -> float:
+        if stat not in STATS:
+            raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
+        return float(getattr(entry, f"{stat}_ms"))
+
+    def cumulative(self, cfg: str, exit: int, batch: int = 1, stat: str = "p95") -> Optional[float]:
+        e = self._by_batch.get(batch, {}).get((None, exit, cfg))
+        return None if e is None else self._val(e, stat)
+
+    def segment(self, cfg: str, k: int, batch: int = 1, stat: str = "p95") -> Optional[float]:
+        """Segment k of ``cfg``: the larger of (sum of its pieces' entries) and (difference of
+        the cumulative entries of exits k and k-1) -- whichever exist; None if neither."""
+        group = self._by_batch.get(batch)
+        if not group:
+            return None
+        found = []
+        vals = [group.get((pid, None, None)) for pid in self.manifest.execution[cfg][k]]
+        if all(v is not None for v in vals):
+            found.append(sum(self._val(v, stat) for v in vals))
+        hi = self.cumulative(cfg, k, batch, stat)
+        lo = 0.0 if k == 0 else self.cumulative(cfg, k - 1, batch, stat)
+        if hi is not None and lo is not None:
+            found.append(max(0.0, hi - lo))
+        return max(found) if found else None
+
+    def full_depth(self, cfg: str, batch: int = 1, stat: str = "p95") -> Optional[float]:
+        last = self.manifest.stages - 1
+        v = self.cumulative(cfg, last, batch, stat)
+        if v is not None:
+            return v
+        segs = [self.segment(cfg, k, batch, stat) for k in range(last + 1)]
+        return None if any(s is None for s in segs) else float(sum(segs))  # type: ignore[arg-type]
+
+
+class OnlineLatency:
+    """Recent durations (ms) per key, thread-safe; quantiles over the last ``window`` values.
+
+    With fewer than ``min_samples`` values a quantile is the maximum seen (conservative).
+    """
+
+    def __init__(self, window: int = 256, min_samples: int = 5) -> None:
+        self.window = int(window)
+        self.min_samples = int(min_samples)
+        self._data: dict[tuple, deque] = {}
+        self._cache: dict[tuple, Optional[float]] = {}
+        self._lock = threading.Lock()
+        self.version = 0  # bumped on every record (lets callers cache derived figures)
+
+    def record(self, key: tuple, ms: float) -> None:
+        with self._lock:
+            d = self._data.get(key)
+            if d is None:
+                d = self._data[key] = deque(maxlen=self.window)
+            d.append(float(ms))
+            for stat in STATS:
+                self._cache.pop((key, stat), None)
+            self.version += 1
+
+    def count(self, key: tuple) -> int:
+        with self._lock:
+            d = self._data.get(key)
+            return 0 if d is None else len(d)
+
+    def keys(self) -> list[tuple]:
+        with self._lock:
+            return list(self._data)
+
+    def stat(self, key: tuple, stat: str = "p95") -> Optional[float]:
+        if stat not in STATS:
+            raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
+        with self._lock:
+            if (key, stat) in self._cache:
+                return self._cache[(key, stat)]
+            d = self._data.get(key)
+            vals = None if not d else np.fromiter(d, dtype=np.float64, count=len(d))
+            version = self.version
+        if vals is None:
+            return None
+        if stat == "mean":
+            v = float(vals.mean())
+        elif len(vals) < self.min_samples and stat != "p50":
+            v = float(vals.max())
+        else:
+            v = float(np.percentile(vals, float(stat[1:])))
+        with self._lock:
+            if self.version == version:  # nothing recorded meanwhile: the value is current
+                self._cache[(key, stat)] = v
+        return v
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._cache.clear()
+            self.version += 1
+
+
+class LatencyModel:
+    """Per-segment latency estimates for the deadline logic and the skip-config choice.
+
+    Order of preference for segment ``k`` of ``cfg`` at batch ``n``: the bundle's table at
+    batch n; online measurements at batch n; the table / online figure at batch 1 times n
+    (conservative on CPUs); the largest ms-per-MAC ratio among segments measured online at that
+    batch (MAC-proportional). ``None`` when nothing is known yet (the runtime then runs the
+    segment and measures it). ``use_table=False`` ignores the table (online only).
+    """
+
+    def __init__(self, manifest, table: Optional[LatencyTable], online: OnlineLatency,
+                 use_table: bool = True) -> None:
+        self.manifest = manifest
+        self.table = table if (table and use_table) else None
+        self.online = online
+        self._macs = {cfg: [sum(manifest.piece(pid).macs for pid in seg) for seg in segs]
+                      for cfg, segs in manifest.execution.items()}
+        self._ratio_cache: dict[tuple, tuple] = {}
+
+    @property
+    def source(self) -> str:
+        """'measured' / 'estimated' (bundle table) or 'online' (measure-as-you-go)."""
+        return self.table.kind if self.table else "online"  # type: ignore[return-value]
+
+    def segment_macs(self, cfg: str, k: int) -> int:
+        return self._macs[cfg][k]
+
+    def record(self, cfg: str, k: int, batch: int, ms: float) -> None:
+        self.online.record((cfg, k, batch), ms)
+
+    def _direct(self, cfg: str, k: int, n: int, stat: str) -> Optional[float]:
+        if self.table is not None:
+            v = self.table.segment(cfg, k, n, stat)
+            if v is not None:
+                return v
+        return self.online.stat((cfg, k, n), stat)
+
+    def _mac_scaled(self, cfg: str, k: int, n: int, stat: str) -> Optional[float]:
+        version = self.online.version
+        hit = self._ratio_cache.get((n, stat))
+        if hit is None or hit[0] != version:
+            ratios = []
+            for key in self.online.keys():
+                c2, k2, n2 = key
+                macs = self._macs[c2][k2] if c2 in self._macs and k2 < len(self._macs[c2]) else 0
+                if n2 == n and macs > 0:
+                    v = self.online.stat(key, stat)
+                    if v is not None:
+                        ratios.append(v / macs)
+            hit = (version, max(ratios) if ratios else None)
+            self._ratio_cache[(n, stat)] = hit  # benign race: a stale entry is recomputed
+        return None if hit[1] is None else hit[1] * self._macs[cfg][k]
+
+    def segment_ms(self, cfg: str, k: int, batch: int = 1, stat: str = "p95") -> Optional[float]:
+        v = self._direct(cfg, k, batch, stat)
+        if v is None and batch != 1:
+            one = self._direct(cfg, k, 1, stat)
+            v = None if one is None else one * batch
+        if v is None:
+            v = self._mac_scaled(cfg, k, batch, stat)
+        if v is None and batch != 1:
+            one = self._mac_scaled(cfg, k, 1, stat)
+            v = None if one is None else one * batch
+        return v
+
+    def full_depth_ms(self, cfg: str, batch: int = 1, stat: str = "p95") -> Optional[float]:
+        if self.table is not None:
+            v = self.table.full_depth(cfg, batch, stat)
+            if v is not None:
+                return v
+        segs = [self.segment_ms(cfg, k, batch, stat) for k in range(self.manifest.stages)]
+        return None if any(s is None for s in segs) else float(sum(segs))  # type: ignore[arg-type]
+
+    def segment_costs(self, cfg: str, batch: int = 1, stat: str = "p50") -> list[Optional[float]]:
+        return [self.segment_ms(cfg, k, batch, stat) for k in range(self.manifest.stages)]

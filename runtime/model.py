@@ -1,0 +1,644 @@
+"""AdaptiveModel: the on-device API. Load a bundle, predict with early exits under a deadline.
+
+::
+
+    from runtime import AdaptiveModel
+    model = AdaptiveModel.load("bundle-x86-host")          # picks a backend usable here
+    p = model.predict(image_uint8_hwc, budget_ms=5.0)      # -> Prediction
+    ps = model.predict(batch_uint8_nhwc)                   # -> list[Prediction], input order
+
+Imports only the standard library, numpy and (lazily, when the first session is opened) the one
+backend chosen; ``devices`` (stdlib-only) is imported lazily for the bundle's device profile.
+Never torch, train/ or export/. See docs/runtime.md.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.deadline import (Clock, Deadline, LatencyModel, LatencyTable, OnlineLatency,
+                              check_budget)
+from runtime.executor import SegmentExecutor
+from runtime.preprocess import prepare_input
+
+__all__ = ["AdaptiveModel", "Prediction", "BackendChoice", "BackendUnavailableError",
+           "BackendFallbackWarning", "select_backend", "softmax", "DEFAULT_BACKEND_ORDER"]
+
+log = logging.getLogger("runtime")
+
+#: Order tried when the bundle's device profile cannot be loaded on this machine.
+DEFAULT_BACKEND_ORDER = ("tensorrt", "onnxruntime", "tvm")
+#: Executor backend name of the portable ONNX artifacts (run with onnxruntime).
+PORTABLE = "onnx"
+_LIBRARY = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm",
+            "tensorrt": "tensorrt"}
+_RUNNER_MODULE = {"onnxruntime": "runtime.backends.onnxruntime_runner",
+                  "tvm": "runtime.backends.tvm_runner",
+                  "tensorrt": "runtime.backends.tensorrt_runner"}
+_ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "x64": "x86_64", "aarch64": "aarch64",
+                 "arm64": "aarch64", "armv8l": "aarch64"}
+# Onnxruntime options of a device profile that apply to the portable ONNX as well.
+_ORT_PROFILE_OPTIONS = ("providers", "intra_op_threads", "inter_op_threads",
+                        "graph_optimization_level")
+
+
+class BackendUnavailableError(LookupError):
+    """No artifact of the bundle can run on this machine (or the requested backend cannot)."""
+
+
+class BackendFallbackWarning(RuntimeWarning):
+    """The preferred backend(s) of the bundle's device profile were skipped on this machine."""
+
+
+# ---------------------------------------------------------------------------------------------
+# predictions
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """One sample's answer.
+
+    ``exit_index`` is 0-based (exit k follows stage k); ``depth`` = exit_index + 1 stages ran.
+    ``latency_ms`` is the wall time from the start of the ``predict`` call (preprocessing
+    included) until this sample's answer was ready. ``deadline_missed`` is True when a budget
+    was given and either the latency exceeded it or even the first exit was predicted not to
+    fit (the first exit is answered anyway).
+    """
+    class_id: int
+    class_name: str
+    probabilities: np.ndarray
+    exit_index: int
+    depth: int
+    skip_config: str
+    latency_ms: float
+    deadline_missed: bool = False
+    budget_ms: Optional[float] = None
+    stopped_by: str = "rule"  # "rule" | "deadline" | "last_exit"
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the predicted class."""
+        return float(self.probabilities[self.class_id])
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (probabilities as a list of floats)."""
+        return {"class_id": self.class_id, "class_name": self.class_name,
+                "confidence": self.confidence, "exit_index": self.exit_index,
+                "depth": self.depth, "skip_config": self.skip_config,
+                "latency_ms": self.latency_ms, "deadline_missed": self.deadline_missed,
+                "budget_ms": self.budget_ms, "stopped_by": self.stopped_by,
+                "probabilities": [float(p) for p in self.probabilities]}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, computed in float64, returned as float32."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend selection
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What :func:`select_backend` picked and why the others were skipped.
+
+    ``backend`` is the artifact backend the executor runs ("onnx" = the portable ONNX, run
+    with onnxruntime); ``library`` the Python package that executes it; ``skipped`` maps each
+    backend tried before it to the reason it could not be used.
+    """
+    backend: str
+    target: str
+    library: str
+    options: dict = field(default_factory=dict)
+    device: Optional[str] = None
+    order: tuple = ()
+    skipped: dict = field(default_factory=dict)
+    notes: tuple = ()
+
+    def describe(self) -> str:
+        what = "portable ONNX with onnxruntime" if self.backend == PORTABLE else self.backend
+        text = f"{what} (target {self.target})"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped.items())
+        return text
+
+
+def host_arch() -> str:
+    m = platform.machine().lower()
+    return _ARCH_ALIASES.get(m, m)
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` could be imported, without importing it (tvm would pull in torch)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _has_gpu() -> bool:
+    return (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvhost-gpu")
+            or shutil.which("nvidia-smi") is not None)
+
+
+def _arch_of(text: str) -> Optional[str]:
+    head = str(text).lower().split("-")[0]
+    return _ARCH_ALIASES.get(head)
+
+
+def _load_profile(name: str):
+    """The device profile ``name`` via devices.load_profile (lazy import), or None + why."""
+    try:
+        from devices import load_profile
+    except ImportError as exc:  # pragma: no cover - devices/ ships with runtime/
+        return None, f"devices package not importable ({exc})"
+    try:
+        return load_profile(name), None
+    except Exception as exc:  # noqa: BLE001 - ProfileError / ProfileNotFoundError / OSError
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _used_pieces(manifest) -> list[str]:
+    return sorted({pid for segs in manifest.execution.values() for seg in segs for pid in seg})
+
+
+def _unusable(bundle: Bundle, backend: str, target: str, profile, arch: str) -> Optional[str]:
+    """Why (backend, target) cannot run here, or None."""
+    library = _LIBRARY[backend]
+    if not _importable(library):
+        why = f"the {library} Python package is not importable on this machine"
+        if backend == "tensorrt":
+            why += (" (install TensorRT; engines are then built on the device with "
+                    f"`pipeline engines --bundle {bundle.root}`)")
+        return why
+    manifest = bundle.manifest
+    pieces = _used_pieces(manifest)
+    arts = [manifest.piece(pid).find_artifacts(backend, target)[0] for pid in pieces]
+    if backend == "onnxruntime":
+        t_arch = _arch_of(target)
+        if t_arch is not None and t_arch != arch:
+            return (f"artifacts optimised for {t_arch} (target {target}), this host is {arch}")
+    elif backend == "tvm":
+        opts = arts[0].options or {}
+        tgt = opts.get("target") if isinstance(opts.get("target"), dict) else {}
+        triple = str(tgt.get("mtriple") or (tgt.get("host") or {}).get("mtriple") or "")
+        t_arch = _arch_of(triple) if triple else _arch_of(target)
+        if t_arch is not None and t_arch != arch:
+            return (f"libraries compiled for {t_arch} (target {target}), this host is {arch}: "
+                    "native code for another architecture cannot be loaded")
+        if (tgt.get("kind") == "cuda" or opts.get("device") == "cuda") and not _has_gpu():
+            return f"CUDA libraries (target {target}) and no NVIDIA GPU on this machine"
+        if profile is not None and t_arch == arch and tgt.get("kind", "llvm") == "llvm":
+            try:
+                ok = profile.is_host_compatible()
+            except Exception:  # noqa: BLE001 - detection problems: do not block
+                ok = True
+            if not ok:
+                return (f"libraries compiled for profile {profile.name!r} whose CPU features "
+                        f"({', '.join(profile.hardware.isa) or 'none'}) this host lacks")
+    elif backend == "tensorrt":
+        engines = bundle.root / "engines"
+        missing = [pid for pid in pieces
+                   if not (engines.is_dir() and any(engines.glob(f"*/{pid}.plan")))]
+        if missing:
+            return (f"TensorRT engines not built for this bundle ({len(missing)} of {len(pieces)} "
+                    f"pieces missing, e.g. {missing[0]!r}): run `pipeline engines --bundle "
+                    f"{bundle.root}` on the device")
+    module = _RUNNER_MODULE[library]
+    if not _importable(module):
+        return f"this runtime has no {library} runner ({module} is not installed)"
+    return None
+
+
+def select_backend(bundle: Bundle, backend: Optional[str] = None, device: Optional[str] = None,
+                   *, arch: Optional[str] = None) -> BackendChoice:
+    """Pick the artifacts to run on this machine.
+
+    ``backend=None``: walk the backend order of the device profile (``device``, default the
+    bundle's ``manifest.device``), skipping backends whose artifacts are missing, whose library
+    is not importable, or whose target does not match this host; the portable ONNX (run with
+    onnxruntime) is the last resort. A portable bundle (no device) uses its ONNX artifacts.
+    ``backend`` given: only that one ("onnxruntime" also accepts the portable ONNX); raises
+    :class:`BackendUnavailableError` saying why if it cannot run. Nothing is imported or
+    executed here: libraries are looked up with ``importlib.util.find_spec``.
+    """
+    m = bundle.manifest
+    arch = arch or host_arch()
+    dev = device if device is not None else m.device
+    profile, notes = None, []
+    if dev is not None:
+        profile, why = _load_profile(dev)
+        if profile is None:
+            notes.append(f"device profile {dev!r} not found here ({why}); "
+                         f"using the default backend order")
+        else:
+            dev = profile.name
+    available: dict[str, list[str]] = {}
+    for b, t in m.available_targets():
+        available.setdefault(b, []).append(t)
+
+    if backend is not None:
+        if backend not in _LIBRARY:
+            raise ValueError(f"unknown backend {backend!r}; known: onnxruntime, tvm, tensorrt, "
+                             "onnx (the portable ONNX, run with onnxruntime)")
+        order = [backend] + (["onnx"] if backend == "onnxruntime" else [])
+    elif profile is not None:
+        order = list(profile.backend_order()) + [PORTABLE]
+    elif dev is not None:
+        compile_info = m.annotations.get("compile") if isinstance(m.annotations, dict) else None
+        listed = compile_info.get("backend_order") if isinstance(compile_info, dict) else None
+        order = [b for b in (listed or DEFAULT_BACKEND_ORDER) if b in _LIBRARY] + [PORTABLE]
+    else:
+        order = [PORTABLE]
+    order = list(dict.fromkeys(order))
+
+    skipped: dict[str, str] = {}
+    for b in order:
+        targets = available.get(b, [])
+        if not targets:
+            skipped[b] = (f"no {b} artifacts in the bundle" if b != PORTABLE
+                          else "no portable ONNX artifacts covering every piece")
+            continue
+        reasons = []
+        for t in targets:
+            why = _unusable(bundle, b, t, profile, arch)
+            if why is None:
+                options: dict[str, Any] = {}
+                if b == PORTABLE and profile is not None and profile.backend("onnxruntime"):
+                    spec = profile.backend("onnxruntime").options
+                    options = {k: spec[k] for k in _ORT_PROFILE_OPTIONS if k in spec}
+                return BackendChoice(backend=b, target=t, library=_LIBRARY[b], options=options,
+                                     device=dev, order=tuple(order), skipped=dict(skipped),
+                                     notes=tuple(notes))
+            reasons.append(why if len(targets) == 1 else f"{t}: {why}")
+        skipped[b] = "; ".join(reasons)
+    detail = "; ".join(f"{b}: {why}" for b, why in skipped.items()) or "no artifacts"
+    what = f"backend {backend!r}" if backend else "any backend"
+    raise BackendUnavailableError(f"{bundle.manifest_path}: cannot run {what} on this "
+                                  f"{arch} machine ({detail})")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+
+RuleLike = Union[None, str, Any]
+
+
+class AdaptiveModel:
+    """A loaded bundle ready to predict with early exits, a stopping rule and a deadline.
+
+    Build it with :meth:`load`. Thread-safe: the executor and its sessions are shared, each
+    call keeps its own tensors; the only mutable state is the online latency statistics and a
+    cache of rule objects, both guarded by locks.
+    """
+
+    def __init__(self, bundle: Bundle, executor: Any, *, choice: Optional[BackendChoice] = None,
+                 clock: Optional[Clock] = None, latency: str = "auto",
+                 latency_device: Optional[str] = None) -> None:
+        if latency not in ("auto", "table", "online"):
+            raise ValueError(f"latency must be 'auto', 'table' or 'online', got {latency!r}")
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.executor = executor
+        self.choice = choice
+        self.clock: Clock = clock or time.perf_counter
+        m = self.manifest
+        self.stages = m.stages
+        self.class_names = list(m.class_names)
+        self.num_classes = m.model.num_classes
+        self.input_shape = tuple(m.input.shape)
+        self.skip_configs = list(m.skip_configs)
+        library = choice.library if choice else "onnxruntime"
+        target = choice.target if choice else None
+        dev = latency_device or (choice.device if choice else None) or m.device
+        if dev is None:  # portable bundle: a table for exactly one device is usable as is
+            devs = sorted({e.device for e in m.latency if e.backend == library})
+            dev = devs[0] if len(devs) == 1 else None
+        self.latency_device = dev
+        self.table = LatencyTable(m, dev, library, target)
+        if latency == "table" and not self.table:
+            raise ValueError(f"{bundle.manifest_path}: no latency table for device {dev!r} and "
+                             f"backend {library!r} (use latency='auto' or 'online')")
+        self.online = OnlineLatency()
+        self.latency = LatencyModel(m, self.table, self.online, use_table=latency != "online")
+        self._rules: dict[str, Any] = {}
+        self._rules_lock = threading.Lock()
+        self.skip_accuracy = self._read_skip_accuracy()
+        self._ranked = self._rank_configs()
+        self.default_skip_config = self._default_config()
+        self._default_rule = self._rule_from_manifest()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, bundle_dir: Union[str, os.PathLike], backend: Optional[str] = None,
+             device: Optional[str] = None, *, runner_options: Optional[Mapping[str, Any]] = None,
+             clock: Optional[Clock] = None, latency: str = "auto", warm: bool = True,
+             warn: bool = True) -> "AdaptiveModel":
+        """Open ``bundle_dir`` (verifying every checksum) and pick artifacts usable here.
+
+        ``backend``: None = the device profile's order with fallback (see
+        :func:`select_backend`); "onnxruntime", "tvm", "tensorrt" or "onnx" to force one.
+        ``device``: profile name for the backend order and the latency table (default: the
+        bundle's). ``runner_options``: backend session options overriding the artifact's
+        (e.g. ``{"intra_op_threads": 1}``). ``clock``: seconds, monotonic (tests inject a fake
+        one). ``latency``: "auto" (the bundle's table if any, else measure as you go),
+        "table" (require one) or "online" (ignore the table). ``warm``: open every session
+        now. ``warn``: emit a :class:`BackendFallbackWarning` when preferred backends were
+        skipped (``model.choice.skipped`` always has the reasons).
+        """
+        bundle = Bundle.open(bundle_dir, verify=True)
+        choice = select_backend(bundle, backend, device)
+        for note in choice.notes:
+            log.info("%s", note)
+        if choice.skipped:
+            msg = f"{bundle.root.name}: using {choice.describe()}"
+            if bundle.manifest.device is None:  # portable bundle: nothing was compiled to skip
+                log.info("%s", msg)
+            else:
+                log.warning("%s", msg)
+                if warn and backend is None:
+                    warnings.warn(msg, BackendFallbackWarning, stacklevel=2)
+        options = {**choice.options, **dict(runner_options or {})}
+        executor = SegmentExecutor(bundle, choice.backend, choice.target, options=options)
+        model = cls(bundle, executor, choice=choice, clock=clock, latency=latency,
+                    latency_device=device)
+        if warm:
+            for cfg in model.skip_configs:
+                executor.warm(cfg)
+        return model
+
+    # -- manifest-derived defaults ---------------------------------------------------------------
+
+    def _read_skip_accuracy(self) -> dict[str, float]:
+        ann = self.manifest.annotations if isinstance(self.manifest.annotations, dict) else {}
+        raw = ann.get("skip_accuracy")
+        if not isinstance(raw, dict):
+            return {}
+        out = {}
+        for cfg, acc in raw.items():
+            if cfg in self.skip_configs and isinstance(acc, (int, float)) \
+                    and not isinstance(acc, bool):
+                out[cfg] = float(acc)
+        return out if len(out) == len(self.skip_configs) else {}
+
+    def _rank_configs(self) -> list[str]:
+        """Skip configs, most accurate first: calibrated per-config validation accuracy
+        (ties: fewer MACs first), else more MACs first."""
+        last = self.stages - 1
+        macs = {c: self.manifest.cumulative_macs(c, last) for c in self.skip_configs}
+        if self.skip_accuracy:
+            return sorted(self.skip_configs, key=lambda c: (-self.skip_accuracy[c], macs[c], c))
+        return sorted(self.skip_configs, key=lambda c: (-macs[c], c))
+
+    def _default_config(self) -> str:
+        ann = self.manifest.annotations if isinstance(self.manifest.annotations, dict) else {}
+        cal = ann.get("calibration")
+        cfg = cal.get("skip_config") if isinstance(cal, dict) else None
+        if cfg in self.skip_configs:
+            return cfg
+        full = "F" * self.stages
+        return full if full in self.skip_configs else self._ranked[0]
+
+    def _rule_from_manifest(self):
+        st = self.manifest.stopping
+        if not st.calibrated:
+            return None
+        from runtime.rules import rule_from_stopping
+        return rule_from_stopping(st)
+
+    # -- public helpers --------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self.choice.backend if self.choice else getattr(self.executor, "backend", "?")
+
+    @property
+    def target(self) -> Optional[str]:
+        return self.choice.target if self.choice else getattr(self.executor, "target", None)
+
+    @property
+    def rule_name(self) -> Optional[str]:
+        """The calibrated rule's name (None: uncalibrated, predictions use full depth)."""
+        return self.manifest.stopping.rule
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"AdaptiveModel({m.model.name!r}, stages={self.stages}, backend={self.backend!r}, "
+                f"target={self.target!r}, device={m.device!r}, rule={self.rule_name!r})")
+
+    def check_skip_config(self, skip_config: object) -> str:
+        if not isinstance(skip_config, str) or skip_config not in self.skip_configs:
+            raise ValueError(f"unknown skip config {skip_config!r} (this bundle has: "
+                             f"{', '.join(self.skip_configs)})")
+        return skip_config
+
+    def resolve_rule(self, rule: RuleLike):
+        """A StoppingRule object, a rule name, or None (the calibrated rule, or full depth).
+
+        A name equal to the calibrated rule uses the calibrated parameters; another name is
+        built without parameters, which only parameter-free rules allow ("full", "patience");
+        unknown names and rules needing calibrated parameters raise ValueError.
+        """
+        if rule is None:
+            return self._default_rule
+        if isinstance(rule, str):
+            with self._rules_lock:
+                cached = self._rules.get(rule)
+            if cached is not None:
+                return cached
+            if rule == self.rule_name and self._default_rule is not None:
+                obj = self._default_rule
+            else:
+                from runtime.rules import RULES, make_rule
+                if rule not in RULES:
+                    raise ValueError(f"unknown rule {rule!r} (known: {', '.join(RULES)})")
+                try:
+                    obj = make_rule(rule, {})
+                except ValueError as exc:
+                    have = (f"the bundle is calibrated for {self.rule_name!r}"
+                            if self.rule_name else "the bundle is not calibrated")
+                    raise ValueError(f"rule {rule!r} needs calibrated parameters ({exc}); {have}: "
+                                     f"run `pipeline calibrate --rule {rule}` or pass a "
+                                     "StoppingRule object") from None
+            with self._rules_lock:
+                self._rules.setdefault(rule, obj)
+            return obj
+        if callable(getattr(rule, "stop", None)):
+            return rule
+        raise ValueError(f"rule: expected a StoppingRule (with a stop() method), a rule name or "
+                         f"None, got {type(rule).__name__}")
+
+    def choose_skip_config(self, budget_ms: Optional[float] = None, batch: int = 1) -> str:
+        """The skip configuration for a budget.
+
+        No budget: the default (the calibrated configuration, else full depth). With a budget:
+        the most accurate configuration (per-config validation accuracy stored by
+        ``pipeline calibrate``, else MACs order) whose full-depth p95 latency at ``batch`` fits;
+        if none fits, the fastest one known; if no latency is known at all, the default.
+        """
+        budget = check_budget(budget_ms)
+        if budget is None:
+            return self.default_skip_config
+        known: dict[str, float] = {}
+        for cfg in self._ranked:
+            t = self.latency.full_depth_ms(cfg, batch, "p95")
+            if t is None:
+                continue
+            if t <= budget:
+                return cfg
+            known[cfg] = t
+        if known:
+            return min(known, key=lambda c: (known[c], self._ranked.index(c)))
+        return self.default_skip_config
+
+    def segment_costs_ms(self, skip_config: Optional[str] = None, batch: int = 1,
+                         stat: str = "p50") -> list[float]:
+        """Per-segment cost (ms) as the runtime sees it; unknown segments are filled in
+        proportionally to their MACs (relative to the known ones, else 1 ms per GMAC)."""
+        cfg = self.check_skip_config(skip_config or self.default_skip_config)
+        costs = self.latency.segment_costs(cfg, batch, stat)
+        macs = [self.latency.segment_macs(cfg, k) for k in range(self.stages)]
+        known = [(c, m) for c, m in zip(costs, macs) if c is not None and m > 0]
+        per_mac = (sum(c for c, _ in known) / sum(m for _, m in known)) if known else 1e-6
+        return [float(c) if c is not None else float(m * per_mac) for c, m in zip(costs, macs)]
+
+    # -- prediction ------------------------------------------------------------------------------
+
+    def _stop_context(self, cfg: str, deadline: Deadline):
+        from runtime.rules import StopContext
+        return StopContext(segment_ms=self.segment_costs_ms(cfg), skip_config=cfg)
+
+    def predict(self, x: Any, budget_ms: Optional[float] = None, rule: RuleLike = None,
+                skip_config: Optional[str] = None):
+        """Predict one sample (-> :class:`Prediction`) or a batch (-> list, input order).
+
+        ``x``: uint8 pixels HWC (``(H, W, C)``, ``(N, H, W, C)``; grayscale ``(H, W)`` /
+        ``(N, H, W)`` for 1-channel models), normalised here per the manifest; or float
+        already-normalised model input NCHW (``(C, H, W)`` / ``(N, C, H, W)``).
+        ``budget_ms``: deadline for the call (anytime prediction, see docs/runtime.md).
+        ``rule``: StoppingRule, rule name, or None (calibrated rule; full depth if none).
+        ``skip_config``: force a configuration (default: chosen for the budget).
+        """
+        t0 = self.clock()
+        budget = check_budget(budget_ms)
+        if skip_config is not None:
+            self.check_skip_config(skip_config)
+        stop_rule = self.resolve_rule(rule)
+        batch, batched = prepare_input(x, self.input_shape, self.manifest.input.mean,
+                                       self.manifest.input.std)
+        n = batch.shape[0]
+        cfg = skip_config if skip_config is not None else self.choose_skip_config(budget, n)
+        deadline = Deadline(budget, self.clock, start=t0)
+        ctx = self._stop_context(cfg, deadline) if stop_rule is not None else None
+        results: list[Optional[Prediction]] = [None] * n
+        active = np.arange(n)
+        tensors: dict[str, np.ndarray] = {self.manifest.input.name: batch}
+        history: list[np.ndarray] = []
+        first_miss = False
+        last = self.stages - 1
+
+        def finish(rows: np.ndarray, probs: np.ndarray, k: int, why: str) -> None:
+            now_ms = (self.clock() - t0) * 1000.0
+            for i in rows:
+                p = probs[i]
+                cid = int(np.argmax(p))
+                results[int(active[i])] = Prediction(
+                    class_id=cid, class_name=self.class_names[cid], probabilities=p.copy(),
+                    exit_index=k, depth=k + 1, skip_config=cfg, latency_ms=now_ms,
+                    deadline_missed=first_miss or deadline.missed(now_ms), budget_ms=budget,
+                    stopped_by=why)
+
+        for k in range(self.stages):
+            m = len(active)
+            if budget is not None:
+                est = self.latency.segment_ms(cfg, k, m, "p95")
+                if not deadline.fits(est):
+                    if k == 0:
+                        first_miss = True  # answer with the first exit anyway, flagged
+                    else:
+                        finish(np.arange(m), history[-1], k - 1, "deadline")
+                        break
+            ts = self.clock()
+            logits = self.executor.run_segment(cfg, k, tensors)
+            self.latency.record(cfg, k, m, (self.clock() - ts) * 1000.0)
+            probs = softmax(logits)
+            history.append(probs)
+            if k == last:
+                finish(np.arange(m), probs, k, "last_exit")
+                break
+            if stop_rule is None:
+                continue
+            stop = np.asarray(stop_rule.stop(k, history, ctx), dtype=bool).reshape(-1)
+            if stop.shape != (m,):
+                raise RuntimeError(f"rule {type(stop_rule).__name__}.stop returned shape "
+                                   f"{stop.shape}, expected ({m},)")
+            if stop.any():
+                finish(np.flatnonzero(stop), probs, k, "rule")
+                keep = ~stop
+                if not keep.any():
+                    break
+                active = active[keep]
+                tensors = {name: t[keep] for name, t in tensors.items()}
+                history = [h[keep] for h in history]
+        assert all(r is not None for r in results)
+        return results if batched else results[0]
+
+    # -- whole-depth evaluation (calibration, tools) ---------------------------------------------
+
+    def exit_probabilities(self, x: Any, skip_config: Optional[str] = None,
+                           batch_size: int = 256) -> np.ndarray:
+        """Probabilities of every exit for every sample: float32 (S, N, C), no early stopping.
+
+        ``x`` follows the :meth:`predict` conventions (a single sample gives N = 1).
+        """
+        cfg = self.check_skip_config(skip_config or self.default_skip_config)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch, _ = prepare_input(x, self.input_shape, self.manifest.input.mean,
+                                 self.manifest.input.std)
+        out = []
+        for i in range(0, batch.shape[0], batch_size):
+            logits = self.executor.run_exits(batch[i:i + batch_size], cfg)
+            out.append(np.stack([softmax(z) for z in logits]))
+        return np.concatenate(out, axis=1)
+
+    def profile_segments(self, skip_config: Optional[str] = None, runs: int = 20,
+                         warmup: int = 3, stat: str = "p50") -> list[float]:
+        """Quick batch-1 timing of every segment on random input (ms, ``stat`` over ``runs``).
+
+        The timings also feed the online latency statistics.
+        """
+        cfg = self.check_skip_config(skip_config or self.default_skip_config)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, *self.input_shape)).astype(np.float32)
+        times = [[] for _ in range(self.stages)]
+        for r in range(warmup + runs):
+            tensors = {self.manifest.input.name: x}
+            for k in range(self.stages):
+                ts = time.perf_counter()
+                self.executor.run_segment(cfg, k, tensors)
+                ms = (time.perf_counter() - ts) * 1000.0
+                if r >= warmup:
+                    times[k].append(ms)
+                    self.latency.record(cfg, k, 1, ms)
+        if stat == "mean":
+            return [float(np.mean(t)) for t in times]
+        return [float(np.percentile(t, float(stat.lstrip("p")))) for t in times]
+

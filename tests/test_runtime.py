@@ -1,0 +1,519 @@
+"""On-device runtime: AdaptiveModel loading, backend fallback, inputs, early exits, deadlines,
+skip-config choice, batching, thread safety, and the no-torch guarantee."""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import AdaptiveModel, FakeClock, Prediction
+from runtime.bundle import Bundle
+from runtime.manifest import (MANIFEST_NAME, LatencyEntry, Stopping, save_manifest, utc_now_iso)
+from runtime.model import BackendFallbackWarning, BackendUnavailableError, select_backend
+from runtime.rules import MaxProbRule
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_SPEC = "synthetic:chans=1,size=28"
+THREADS = {"intra_op_threads": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: a real (tiny) bundle, exported and compiled once per module
+# ---------------------------------------------------------------------------------------------
+
+def build_bundles(root: Path) -> tuple[Path, Path]:
+    """(portable bundle, x86-host onnxruntime bundle) of a fresh resnet20_adn (1x28x28, 10 classes)
+    with perturbed norms (so exits disagree, like a trained model). About 3 s."""
+    import torch
+    from torch import nn
+
+    from export.compile import compile_bundle
+    from export.portable import export_checkpoint
+    from train.checkpoint import save_checkpoint
+    from train.data import load_dataset
+    from train.models import create_model
+
+    torch.set_num_threads(1)
+    data = load_dataset(DATA_SPEC)
+    torch.manual_seed(0)
+    model = create_model("resnet20_adn", num_classes=data.num_classes, in_chans=1, img_size=28)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    state = {"model_name": "resnet20_adn", "model_config": model.model_config(),
+             "model": model.state_dict(), "ema": None, "dataset": data.info(), "eval": None,
+             "config": {"data": DATA_SPEC}}
+    ckpt = save_checkpoint(state, root / "model.pt")
+    portable = export_checkpoint(ckpt, root / "portable", parity_samples=4, progress=None)
+    host = compile_bundle(portable, "x86-host", backends=["onnxruntime"], out_dir=root / "host",
+                          progress=None)
+    return portable, host
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> tuple[Path, Path]:
+    return build_bundles(tmp_path_factory.mktemp("runtime"))
+
+
+@pytest.fixture(scope="module")
+def model(bundles) -> AdaptiveModel:
+    return AdaptiveModel.load(bundles[1], runner_options=THREADS)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """uint8 NHWC validation-like images of the synthetic data set."""
+    from train.data import load_dataset
+
+    ds = load_dataset(DATA_SPEC)
+    return ds.test.images[:48].permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_manifest(bundle: Path, fn) -> None:
+    b = Bundle.open(bundle, verify=False)
+    m = b.manifest.copy()
+    fn(m)
+    save_manifest(m, b.root / MANIFEST_NAME)
+    Bundle.open(bundle, verify=True)
+
+
+def quantile_rule(model: AdaptiveModel, images: np.ndarray) -> MaxProbRule:
+    """A max_prob rule whose thresholds split the samples over all exits."""
+    probs = model.exit_probabilities(images)
+    t = [float(np.quantile(probs[k].max(axis=1), 0.6)) for k in range(model.stages - 1)]
+    return MaxProbRule(t)
+
+
+def latency_entries(manifest, device: str, per_piece_ms: float = 10.0, batch: int = 1,
+                    kind: str = "estimated") -> list[LatencyEntry]:
+    now = utc_now_iso()
+    fp = {"test": True}
+    out = []
+    for p in manifest.pieces:
+        out.append(LatencyEntry(device=device, backend="onnxruntime", target="x86_64-cpu",
+                                batch=batch, piece=p.id, p50_ms=per_piece_ms,
+                                p90_ms=per_piece_ms, p95_ms=per_piece_ms, p99_ms=per_piece_ms,
+                                mean_ms=per_piece_ms, kind=kind, created=now, fingerprint=fp))
+    return out
+
+
+class SteppingExecutor:
+    """Wraps the real executor; every segment 'takes' ``ms`` on a FakeClock."""
+
+    def __init__(self, inner, clock: FakeClock, ms: float) -> None:
+        self.inner, self.clock, self.ms = inner, clock, ms
+        self.backend, self.target = inner.backend, inner.target
+
+    def run_segment(self, cfg, k, tensors):
+        out = self.inner.run_segment(cfg, k, tensors)
+        self.clock.advance(self.ms)
+        return out
+
+    def run_exits(self, x, cfg, upto=None):
+        return self.inner.run_exits(x, cfg, upto)
+
+
+def fake_time_model(bundle: Path, seg_ms: float, **kw) -> tuple[AdaptiveModel, FakeClock]:
+    real = AdaptiveModel.load(bundle, runner_options=THREADS)
+    clock = FakeClock()
+    m = AdaptiveModel(real.bundle, SteppingExecutor(real.executor, clock, seg_ms),
+                      choice=real.choice, clock=clock, **kw)
+    return m, clock
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and predictions
+# ---------------------------------------------------------------------------------------------
+
+def test_load_and_predict_single_and_batch(model, bundles, images):
+    assert model.backend == "onnxruntime" and model.target == "x86_64-cpu"
+    assert model.choice.skipped == {}
+    p = model.predict(images[0])
+    assert isinstance(p, Prediction)
+    assert p.exit_index == model.stages - 1 and p.depth == model.stages  # uncalibrated: full
+    assert p.class_name == model.class_names[p.class_id] and p.skip_config == "FFF"
+    assert p.probabilities.shape == (10,) and abs(float(p.probabilities.sum()) - 1) < 1e-5
+    assert p.latency_ms > 0 and p.deadline_missed is False and p.stopped_by == "last_exit"
+    json.dumps(p.to_dict())
+    ps = model.predict(images[:5])
+    assert isinstance(ps, list) and len(ps) == 5
+    np.testing.assert_allclose(ps[0].probabilities, p.probabilities, atol=1e-5)
+    # the portable bundle runs with onnxruntime on the ONNX files, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm = AdaptiveModel.load(bundles[0], runner_options=THREADS)
+    assert pm.backend == "onnx" and pm.choice.library == "onnxruntime"
+    # ... with a device profile's onnxruntime options when one is named
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pd = AdaptiveModel.load(bundles[0], device="host", runner_options=THREADS)
+    assert pd.backend == "onnx" and pd.choice.device == "x86-host"
+    assert pd.choice.options["providers"] == ["CPUExecutionProvider"]
+    np.testing.assert_allclose(pm.predict(images[0]).probabilities, p.probabilities, atol=1e-5)
+
+
+def test_input_conventions_agree(model, images):
+    """uint8 HWC / HW / NHW and float NCHW (already normalised) give the same answer."""
+    ref = model.predict(images[:3])
+    gray = images[:3, :, :, 0]
+    mean, std = model.manifest.input.mean[0], model.manifest.input.std[0]
+    x = ((images[:3].astype(np.float64) / 255 - mean) / std).transpose(0, 3, 1, 2)
+    for variant in (gray, x.astype(np.float32), x, x.astype(np.float16)):
+        got = model.predict(variant)
+        tol = 2e-3 if variant.dtype == np.float16 else 1e-5
+        for a, b in zip(ref, got):
+            assert a.class_id == b.class_id and a.exit_index == b.exit_index
+            np.testing.assert_allclose(a.probabilities, b.probabilities, atol=tol)
+    single = model.predict(gray[0])
+    assert isinstance(single, Prediction) and single.class_id == ref[0].class_id
+    assert isinstance(model.predict(x[0].astype(np.float32)), Prediction)
+
+
+def test_batch_answers_equal_batch_one(model, images):
+    rule = quantile_rule(model, images)
+    batch = model.predict(images, rule=rule)
+    exits = {p.exit_index for p in batch}
+    assert len(exits) == model.stages, f"rule should spread samples over all exits, got {exits}"
+    for i, b in enumerate(batch):
+        one = model.predict(images[i], rule=rule)
+        assert (one.exit_index, one.class_id, one.skip_config) == \
+            (b.exit_index, b.class_id, b.skip_config), i
+        np.testing.assert_allclose(one.probabilities, b.probabilities, atol=1e-5)
+    assert [p.stopped_by for p in batch if p.exit_index < model.stages - 1] == \
+        ["rule"] * sum(p.exit_index < model.stages - 1 for p in batch)
+
+
+def test_rules_by_name_and_calibrated_rule(bundles, images, tmp_path):
+    b = copy_bundle(bundles[1], tmp_path / "cal")
+    m0 = AdaptiveModel.load(b, runner_options=THREADS)
+    rule = quantile_rule(m0, images)
+    edit_manifest(b, lambda m: setattr(m, "stopping", Stopping(
+        rule="max_prob", params=rule.params(), val_accuracy=0.5, mean_latency_ms=1.0,
+        created=utc_now_iso())))
+    m = AdaptiveModel.load(b, runner_options=THREADS)
+    assert m.rule_name == "max_prob"
+    default = m.predict(images[:16])
+    explicit = m0.predict(images[:16], rule=rule)
+    assert [p.exit_index for p in default] == [p.exit_index for p in explicit]
+    assert [p.exit_index for p in m.predict(images[:16], rule="max_prob")] == \
+        [p.exit_index for p in explicit]
+    assert {p.exit_index for p in m.predict(images[:16], rule="full")} == {m.stages - 1}
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        m.predict(images[0], rule="nope")
+    with pytest.raises(ValueError, match="needs calibrated parameters"):
+        m.predict(images[0], rule="entropy")
+
+
+# ---------------------------------------------------------------------------------------------
+# deadlines (fake clock)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def timed_bundle(bundles, tmp_path_factory) -> Path:
+    """The host bundle with an estimated table: every piece (= segment) 10 ms at batch 1."""
+    b = copy_bundle(bundles[1], tmp_path_factory.mktemp("timed") / "b")
+    edit_manifest(b, lambda m: m.replace_latency(latency_entries(m, "x86-host", 10.0)))
+    return b
+
+
+def test_deadline_exits_with_fake_clock(timed_bundle, images):
+    m, _ = fake_time_model(timed_bundle, 10.0)
+    assert m.latency.source == "estimated"
+    for budget, exit_, missed in ((35, 2, False), (30, 2, False), (25, 1, False),
+                                  (15, 0, False), (10, 0, False), (5, 0, True), (0, 0, True)):
+        p = m.predict(images[0], budget_ms=budget, skip_config="FFF")
+        assert (p.exit_index, p.deadline_missed) == (exit_, missed), budget
+        assert p.latency_ms == pytest.approx(10.0 * (exit_ + 1))
+        assert p.stopped_by == ("last_exit" if exit_ == 2 else "deadline")
+    # a batch shares the call's budget. The table has batch 1 only: a batch of 4 is first
+    # estimated at 4 x 10 ms per segment (conservative) -> exit 0, predicted miss ...
+    ps = m.predict(images[:4], budget_ms=25, skip_config="FFF")
+    assert [(p.exit_index, p.deadline_missed) for p in ps] == [(0, True)] * 4
+    for _ in range(2):
+        m.predict(images[:4], skip_config="FFF")
+    # ... then what batches of 4 really take here (10 ms on the fake clock) is used
+    ps = m.predict(images[:4], budget_ms=25, skip_config="FFF")
+    assert [(p.exit_index, p.deadline_missed) for p in ps] == [(1, False)] * 4
+    # no budget: full depth, never missed
+    assert m.predict(images[0]).exit_index == 2
+
+
+def test_deadline_missed_when_segments_take_longer_than_the_table(timed_bundle, images):
+    m, _ = fake_time_model(timed_bundle, 30.0)  # table says 10 ms, segments take 30
+    p = m.predict(images[0], budget_ms=25, skip_config="FFF")
+    assert p.exit_index == 0 and p.deadline_missed and p.latency_ms == pytest.approx(30.0)
+
+
+def test_deadline_measure_as_you_go_without_table(bundles, images):
+    m, _ = fake_time_model(bundles[1], 10.0)
+    assert not m.table and m.latency.source == "online"
+    assert m.latency.segment_ms("FFF", 0) is None  # nothing known: the first segment just runs
+    first = m.predict(images[0], budget_ms=5, skip_config="FFF")
+    # after one measured segment the others are estimated from MACs, so it stops at exit 0
+    assert (first.exit_index, first.deadline_missed) == (0, True)
+    for _ in range(5):
+        m.predict(images[0], skip_config="FFF")
+    assert m.latency.segment_ms("FFF", 1) == pytest.approx(10.0)
+    for budget, exit_ in ((15, 0), (25, 1), (30, 2)):
+        p = m.predict(images[0], budget_ms=budget, skip_config="FFF")
+        assert (p.exit_index, p.deadline_missed) == (exit_, False), budget
+    assert m.latency.segment_ms("TTT", 2) is not None  # MACs-proportional for unseen configs
+    assert m.latency.segment_ms("FFF", 1, batch=4) == pytest.approx(40.0)  # batch-1 x n
+    # a bundle with a table can ignore it: latency="online"
+    m2, _ = fake_time_model(bundles[1], 10.0, latency="online")
+    assert m2.latency.source == "online"
+
+
+# ---------------------------------------------------------------------------------------------
+# skip configuration for a budget
+# ---------------------------------------------------------------------------------------------
+
+def test_skip_config_chosen_from_latency_table(bundles, images, tmp_path):
+    b = copy_bundle(bundles[1], tmp_path / "skip")
+    full = {"FFF": 30.0, "FFT": 26.0, "FTF": 24.0, "FTT": 20.0, "TFF": 22.0, "TFT": 18.0,
+            "TTF": 16.0, "TTT": 12.0}
+    acc = {"FFF": 0.95, "FFT": 0.93, "FTF": 0.94, "FTT": 0.90, "TFF": 0.91, "TFT": 0.85,
+           "TTF": 0.88, "TTT": 0.80}
+
+    def add(m):
+        now, entries = utc_now_iso(), []
+        for cfg, total in full.items():
+            for k in range(m.stages):
+                v = total * (k + 1) / m.stages
+                entries.append(LatencyEntry(device="x86-host", backend="onnxruntime",
+                                            target="x86_64-cpu", batch=1, exit=k, skip_config=cfg,
+                                            p50_ms=v * 0.8, p90_ms=v * 0.9, p95_ms=v, p99_ms=v,
+                                            mean_ms=v * 0.8, kind="estimated", created=now))
+        m.replace_latency(entries)
+
+    edit_manifest(b, add)
+    m = AdaptiveModel.load(b, runner_options=THREADS)
+    # no per-config accuracy yet: MACs order (full depth first), fastest if none fits
+    assert m.choose_skip_config(None) == "FFF"
+    assert m.choose_skip_config(100) == "FFF"
+    assert m.choose_skip_config(5) == "TTT"
+    edit_manifest(b, lambda man: man.annotations.update(skip_accuracy=acc))
+    m = AdaptiveModel.load(b, runner_options=THREADS)
+    assert m.choose_skip_config(30) == "FFF"
+    assert m.choose_skip_config(25) == "FTF"       # 0.94 fits at 24 ms, FFT (26) does not
+    assert m.choose_skip_config(21) == "FTT"       # TFF (0.91) needs 22 ms; FTT (0.90) 20 ms
+    assert m.choose_skip_config(17) == "TTF"
+    assert m.choose_skip_config(1) == "TTT"        # nothing fits: the fastest
+    # predict uses it; an explicit skip_config overrides
+    assert m.predict(images[0], budget_ms=1e6).skip_config == "FFF"
+    assert m.predict(images[0], budget_ms=1e6, skip_config="TFT").skip_config == "TFT"
+    with pytest.raises(ValueError, match="unknown skip config 'FFX'"):
+        m.predict(images[0], skip_config="FFX")
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------------------------
+
+def test_thread_safety_matches_sequential(model, images):
+    rule = quantile_rule(model, images)
+    n_threads, per_thread = 8, 50
+    idx = [[(t * 7 + i) % len(images) for i in range(per_thread)] for t in range(n_threads)]
+    expected = {i: model.predict(images[i], rule=rule) for i in set(sum(idx, []))}
+    barrier = threading.Barrier(n_threads)
+
+    def work(t):
+        barrier.wait()
+        return [model.predict(images[i], rule=rule) for i in idx[t]]
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        results = list(pool.map(work, range(n_threads)))
+    for t in range(n_threads):
+        for i, got in zip(idx[t], results[t]):
+            want = expected[i]
+            assert (got.exit_index, got.class_id) == (want.exit_index, want.class_id)
+            np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, match", [
+    (lambda x: x[0, :, :, 0][None, None, None], "5-D"),                 # wrong rank
+    (lambda x: x[0].astype(np.int64), "unsupported dtype int64"),
+    (lambda x: x[0].astype(np.complex64), "unsupported dtype complex64"),
+    (lambda x: x[0].astype(bool), "unsupported dtype bool"),
+    (lambda x: np.repeat(x[:2], 3, axis=3), "wrong channel count: got 3"),
+    (lambda x: np.zeros((32, 32, 1), np.uint8), "wrong image size: got H x W = 32 x 32"),
+    (lambda x: np.zeros((2, 1, 27, 28), np.float32), "wrong image size"),
+    (lambda x: np.zeros((2, 3, 28, 28), np.float32), "wrong channel count: got 3"),
+    (lambda x: np.full((1, 1, 28, 28), np.nan, np.float32), "non-finite.*NaN"),
+    (lambda x: np.full((1, 28, 28), np.inf, np.float64), "non-finite.*inf"),
+    (lambda x: x[:0], "empty batch"),
+    (lambda x: np.zeros((0, 1, 28, 28), np.float32), "empty batch"),
+    (lambda x: "image.png", "expected a numpy array"),
+])
+def test_bad_inputs_give_clear_errors(model, images, make, match):
+    with pytest.raises(ValueError, match=match):
+        model.predict(make(images))
+
+
+def test_bad_arguments_give_clear_errors(model, images):
+    with pytest.raises(ValueError, match="budget_ms: must be >= 0"):
+        model.predict(images[0], budget_ms=-1)
+    with pytest.raises(ValueError, match="budget_ms: expected a finite"):
+        model.predict(images[0], budget_ms=float("nan"))
+    with pytest.raises(ValueError, match="unknown skip config"):
+        model.predict(images[0], skip_config="FF")
+    with pytest.raises(ValueError, match="unknown rule"):
+        model.predict(images[0], rule="fastest")
+    with pytest.raises(ValueError, match="expected a StoppingRule"):
+        model.predict(images[0], rule=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice and fallback
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def jetson_like(bundles, tmp_path) -> Path:
+    """The host bundle relabelled for jetson-orin-nano (tensorrt, onnxruntime, tvm), with
+    tensorrt artifacts (engines not built) and aarch64 TVM libraries."""
+    b = copy_bundle(bundles[1], tmp_path / "jetson")
+    (b / "tvm").mkdir()
+
+    def relabel(m):
+        m.device = "jetson-orin-nano"
+        for p in m.pieces:
+            onnx = p.find_artifacts("onnx")[0].file
+            m.add_artifact_file(b, p.id, onnx, backend="tensorrt", target="sm_87-trt10",
+                                options={"profile_options": {"precision": "fp16"}})
+            shutil.copyfile(b / onnx, b / f"tvm/{p.id}.so")
+            m.add_artifact_file(b, p.id, f"tvm/{p.id}.so", backend="tvm",
+                                target="aarch64-cortex-a78ae",
+                                options={"target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                                    "mcpu": "cortex-a78ae"}, "device": "cpu"})
+
+    edit_manifest(b, relabel)
+    return b
+
+
+def test_backend_fallback_when_first_backend_unavailable(jetson_like, images, model,
+                                                         monkeypatch):
+    with pytest.warns(BackendFallbackWarning, match="skipped: tensorrt"):
+        m = AdaptiveModel.load(jetson_like, runner_options=THREADS)
+    assert m.backend == "onnxruntime" and list(m.choice.skipped) == ["tensorrt"]
+    assert m.choice.order[:3] == ("tensorrt", "onnxruntime", "tvm")
+    assert "pipeline engines --bundle" in m.choice.skipped["tensorrt"]
+    np.testing.assert_allclose(m.predict(images[0]).probabilities,
+                               model.predict(images[0]).probabilities, atol=1e-5)
+    # forcing a backend that cannot run says why
+    with pytest.raises(BackendUnavailableError, match="compiled for aarch64.*this host is x86_64"):
+        AdaptiveModel.load(jetson_like, backend="tvm")
+    # with the tensorrt package "installed", the reason is the missing engines
+    import runtime.model as rm
+    real = rm._importable
+    monkeypatch.setattr(rm, "_importable", lambda mod: mod == "tensorrt" or real(mod))
+    choice = select_backend(Bundle.open(jetson_like), arch="x86_64")
+    assert choice.backend == "onnxruntime"
+    assert choice.skipped["tensorrt"].startswith("TensorRT engines not built")
+    # on an aarch64 host the compiled x86 onnxruntime artifacts are skipped too; the TVM
+    # libraries fit, and with no runner for them the portable ONNX is the last resort
+    choice = select_backend(Bundle.open(jetson_like), arch="aarch64")
+    assert "optimised for x86_64" in choice.skipped["onnxruntime"]
+    assert choice.backend in ("tvm", "onnx")
+
+
+def test_unknown_device_profile_uses_default_order(bundles, tmp_path):
+    b = copy_bundle(bundles[1], tmp_path / "odd")
+    edit_manifest(b, lambda m: setattr(m, "device", "my-private-board"))
+    choice = select_backend(Bundle.open(b))
+    assert choice.backend == "onnxruntime"
+    assert any("my-private-board" in n for n in choice.notes)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        select_backend(Bundle.open(b), backend="cuda")
+
+
+def test_corrupt_bundle_is_refused(bundles, tmp_path):
+    from runtime.errors import BundleIntegrityError
+
+    b = copy_bundle(bundles[1], tmp_path / "bad")
+    f = next((b / "onnxruntime").rglob("*.onnx"))
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="sha256 mismatch"):
+        AdaptiveModel.load(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# no torch, allowed imports only
+# ---------------------------------------------------------------------------------------------
+
+def test_runtime_never_imports_torch(bundles, images, tmp_path, pipeline_env):
+    np.save(tmp_path / "x.npy", images[:4])
+    code = f"""
+import sys, numpy as np
+import runtime
+from runtime import AdaptiveModel
+m = AdaptiveModel.load({str(bundles[1])!r}, runner_options={{"intra_op_threads": 1}})
+x = np.load({str(tmp_path / 'x.npy')!r})
+ps = m.predict(x, budget_ms=1000.0)
+p = m.predict(x[0], rule="full")
+bad = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "train", "export", "tvm",
+                                                          "tensorrt", "onnx", "PIL", "click"))
+assert "onnxruntime" in sys.modules
+print("BAD", bad, len(ps), p.exit_index)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=pipeline_env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "BAD [] 4 2" in out.stdout, out.stdout
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(module-level, function-level) top-level package names imported by a source file."""
+    tree = ast.parse(path.read_text(), str(path))
+    top, lazy = set(), set()
+
+    def visit(node, inside):
+        for child in ast.iter_child_nodes(node):
+            nested = inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                (lazy if nested else top).update(a.name.split(".")[0] for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                (lazy if nested else top).add(child.module.split(".")[0])
+            visit(child, nested)
+
+    visit(tree, False)
+    return top, lazy
+
+
+def test_runtime_sources_import_only_allowed_modules():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    files = sorted((ROOT / "runtime").rglob("*.py"))
+    assert files
+    for f in files:
+        top, lazy = _imports(f)
+        assert top <= stdlib | {"numpy", "runtime"}, (f, top - stdlib)
+        assert lazy <= stdlib | {"numpy", "runtime", "onnxruntime", "tvm", "tensorrt",
+                                 "devices"}, (f, lazy - stdlib)
+    # devices/ (imported lazily for profile lookup) is stdlib-only itself at module level
+    for f in ("__init__.py", "profile.py", "registry.py", "host.py", "estimate.py"):
+        top, _ = _imports(ROOT / "devices" / f)
+        assert top <= stdlib | {"devices", "tomli"}, (f, top - stdlib)  # tomli: Python 3.10
