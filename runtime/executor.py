@@ -36,7 +36,10 @@ class SegmentExecutor:
                 if runner is None:
                     path = self.bundle.artifact_path(piece_id, self.backend, self.target)
                     artifact = self.bundle.artifact(piece_id, self.backend, self.target)
-                    runner = open_runner(self.backend, path, {**artifact.options, **self.options})
+                    piece = self.manifest.piece(piece_id)
+                    runner = open_runner(self.backend, path, {**artifact.options, **self.options},
+                                         input_names=[t.name for t in piece.inputs],
+                                         output_names=[t.name for t in piece.outputs])
                     self._runners[piece_id] = runner
         return runner
 

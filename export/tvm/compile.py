@@ -328,6 +328,11 @@ def _require_tool(cmd: str, why: str) -> str:
     return path
 
 
+def _arch_num(name: str) -> int:
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits else 0
+
+
 def _check_nvcc_arch(nvcc: str, arch: str) -> None:
     """Fail early when this nvcc cannot generate code for ``arch`` (CUDA 13 dropped sm_5x-sm_72)."""
     import subprocess  # noqa: PLC0415
@@ -340,7 +345,7 @@ def _check_nvcc_arch(nvcc: str, arch: str) -> None:
     want = "compute_" + arch.split("_", 1)[1].rstrip("af")
     if res.returncode == 0 and known and want not in known:
         raise TVMCompileError(
-            f"{nvcc} cannot compile for {arch} (it supports {' '.join(sorted(known))}); put an nvcc "
+            f"{nvcc} cannot compile for {arch} (it supports {' '.join(sorted(known, key=_arch_num))}); put an nvcc "
             f"of the device's CUDA version first on PATH (e.g. CUDA 12.x for Jetson Xavier / JetPack 5-6)"
         )
 

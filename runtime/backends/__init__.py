@@ -18,15 +18,22 @@ class PieceRunner(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-def open_runner(backend: str, path: str | Path, options: dict[str, Any] | None = None) -> PieceRunner:
-    """Open the artifact at ``path`` with ``backend`` (options come from the device profile)."""
+def open_runner(backend: str, path: str | Path, options: dict[str, Any] | None = None,
+                input_names: list[str] | None = None,
+                output_names: list[str] | None = None) -> PieceRunner:
+    """Open the artifact at ``path`` with ``backend``.
+
+    ``options`` are the artifact's (from the device profile at compile time); ``input_names`` /
+    ``output_names`` come from the manifest's piece, so no unverified side file is trusted.
+    """
     options = dict(options or {})
     if backend in ("onnxruntime", "onnx"):
         from runtime.backends.onnxruntime_runner import ORTPieceRunner
         return ORTPieceRunner(path, **options)
     if backend == "tvm":
         from runtime.backends.tvm_runner import TVMPieceRunner
-        return TVMPieceRunner(path, **{k: v for k, v in options.items() if k == "device"})
+        return TVMPieceRunner(path, device=options.get("device", "cpu"), batch=options.get("batch"),
+                              input_names=input_names, output_names=output_names)
     if backend == "tensorrt":
         from runtime.backends.tensorrt_runner import TensorRTPieceRunner
         return TensorRTPieceRunner(path, **options)

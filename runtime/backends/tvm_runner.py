@@ -30,12 +30,25 @@ _TVM_MISSING = (
 
 
 def import_tvm():
-    """Import tvm or raise an ImportError that says what to install."""
+    """Import tvm or raise an ImportError that says what to install.
+
+    ``tvm_ffi`` imports torch whenever torch is installed (for DLPack interop we do not use). The
+    runtime never needs torch, so unless the application already imported it, torch is hidden
+    while tvm loads: running a TVM bundle costs neither torch's import time nor its memory.
+    """
+    import sys
+
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
     try:
         import tvm  # noqa: PLC0415
         from tvm.runtime.vm import VirtualMachine  # noqa: F401, PLC0415
     except ImportError as exc:
         raise ImportError(_TVM_MISSING) from exc
+    finally:
+        if hide_torch and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
     return tvm
 
 
@@ -77,6 +90,7 @@ class TVMPieceRunner:
         *,
         input_names: list[str] | None = None,
         output_names: list[str] | None = None,
+        batch: int | None = None,
     ) -> None:
         tvm = import_tvm()
         from tvm.runtime.vm import VirtualMachine  # noqa: PLC0415
@@ -85,11 +99,13 @@ class TVMPieceRunner:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"TVM piece library not found: {self.path}")
-        meta = _metadata(self.path)
+        # Names and batch given by the caller (from a verified bundle manifest) win; the sidecar
+        # ``.json`` is only read for standalone use of a library.
+        meta = {} if input_names and output_names else _metadata(self.path)
         self.metadata = meta
         self.input_names: list[str] = list(input_names or meta.get("input_names") or ["input0"])
         self._output_names = list(output_names or meta.get("output_names") or [])
-        self.batch: int | None = meta.get("batch")
+        self.batch: int | None = batch if batch is not None else meta.get("batch")
         self.input_dtypes: list[str] = list(meta.get("input_dtypes") or ["float32"] * len(self.input_names))
         self.input_shapes: list[list[Any]] | None = meta.get("input_shapes")
         self.device = device
