@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from train.models.base import AdaptiveDepthNet, all_skip_configs, skip_to_str
+from train.models.macs import used_params
 
 GRANULARITIES = ("stage", "split")
 DEFAULT_GRANULARITY = "stage"
@@ -216,33 +216,13 @@ def piece_inputs(model: AdaptiveDepthNet, plan: SegmentPlan, x: Tensor) -> dict[
 # parameters per piece
 # ---------------------------------------------------------------------------------------------
 
-class _ParamRecorder(TorchFunctionMode):
-    """Records every parameter passed to a torch function (id -> numel)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[int, int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        stack = list(args) + list(kwargs.values())
-        while stack:
-            a = stack.pop()
-            if isinstance(a, nn.Parameter):
-                self.seen[id(a)] = a.numel()
-            elif isinstance(a, (list, tuple)):
-                stack.extend(a)
-        return func(*args, **kwargs)
-
-
 @torch.no_grad()
 def piece_params(model: AdaptiveDepthNet, plan: SegmentPlan, inputs: dict[str, Tensor]) -> dict[str, int]:
     """Parameters each piece uses (twin norms count only for the skip variants)."""
     out = {}
     for p in plan.pieces:
-        with _ParamRecorder() as rec:
-            p(model, inputs[p.id][:1])
-        out[p.id] = sum(rec.seen.values())
+        used, _ = used_params(lambda: p(model, inputs[p.id][:1]))
+        out[p.id] = sum(used.values())
     return out
 
 

@@ -124,3 +124,26 @@ def test_config_errors_name_the_field(tmp_path):
     f.write_text("[train]\nepochs = 3\nlr = 0.2\n")
     cfg = build_config(f, lr=0.3, model=None)
     assert (cfg.epochs, cfg.lr) == (3, 0.3)
+
+
+@pytest.mark.parametrize("name", ["resnet20_adn", "vit_tiny_adn"])
+def test_adn_step_gradients_reach_every_parameter(name):
+    from train.losses import ADNLoss, DepthLoss
+    from train.models import create_model
+    from train.trainer import ADNStep
+
+    torch.manual_seed(0)
+    # Zero-initialised residual gammas would (correctly) zero the first step's gradients upstream.
+    extra = {"zero_init_residual": False} if name.startswith("resnet") else {}
+    model = create_model(name, num_classes=10, in_chans=1, img_size=28, **extra)
+    depth = DepthLoss([0.4, 0.3, 0.3] if model.num_stages == 3 else [0.25] * 4, lam=0.1,
+                      halting="learned", beta=0.1)
+    loss_fn = ADNLoss(model.num_stages, label_smoothing=0.1, depth=depth)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    super_logits, base_logits, increments = ADNStep(model, self_distill=True)(x)
+    loss, terms = loss_fn(super_logits, base_logits, y, increments)
+    assert torch.isfinite(loss) and all(v == v for v in terms.values())
+    loss.backward()
+    params = dict(model.named_parameters()) | {f"loss.{k}": p for k, p in loss_fn.named_parameters()}
+    no_grad = [k for k, p in params.items() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not no_grad, no_grad

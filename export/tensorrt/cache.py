@@ -16,13 +16,16 @@ Writes are atomic (temp file + ``os.replace``); the sidecar is written last and 
 marker, so a reader never accepts a half-written engine. The runtime must never build an
 engine at first inference: it calls :func:`require_engine`, which raises
 :class:`EngineNotBuiltError` telling the user to run ``pipeline engines --bundle B`` on the device.
+
+The read side (key derivation, directory layout, sidecar checks) lives in
+:mod:`runtime.backends.tensorrt_cache`, shared with the runtime's TensorRT runner, which looks
+engines up without importing ``export``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -40,40 +43,25 @@ from export.tensorrt.config import (
     sm_tag,
     version_str,
 )
+# The read side (key derivation, layout, sidecar checks) is shared with the runtime, which
+# finds the engines this module stores; it lives in runtime/ (dependency direction export -> runtime).
+from runtime.backends import tensorrt_cache as _shared
+from runtime.backends.tensorrt_cache import ENGINES_DIR, SIDECAR_SCHEMA, EngineCacheReader, sha256_file
 
-ENGINES_DIR = "engines"
-SIDECAR_SCHEMA = 1
-_PIECE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["ENGINES_DIR", "SIDECAR_SCHEMA", "EngineCache", "device_dir_name", "engine_cache_key",
+           "require_engine", "sha256_file", "write_atomic"]
 
 
 def engine_cache_key(compute_capability: Any, trt_version: Any, onnx_sha256: str, plan_hash: str) -> str:
     """Stable hex key of (GPU compute capability, TensorRT version, ONNX sha256, plan hash)."""
-    parts = {
-        "compute_capability": normalize_compute_capability(compute_capability),
-        "tensorrt_version": version_str(parse_trt_version(trt_version)),
-        "onnx_sha256": str(onnx_sha256).lower(),
-        "plan_hash": str(plan_hash).lower(),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return _shared.engine_cache_key(normalize_compute_capability(compute_capability),
+                                    parse_trt_version(trt_version), onnx_sha256, plan_hash)
 
 
 def device_dir_name(compute_capability: Any, trt_version: Any) -> str:
     """``("8.7", (10, 3, 0))`` -> ``"sm_87_trt10.3.0"``."""
-    return f"{sm_tag(compute_capability)}_trt{version_str(parse_trt_version(trt_version))}"
-
-
-def _check_piece(piece_id: str) -> str:
-    if not isinstance(piece_id, str) or not _PIECE_RE.match(piece_id) or ".." in piece_id:
-        raise ValueError(f"piece id {piece_id!r} must be a plain file name ([A-Za-z0-9._-], no '..')")
-    return piece_id
+    return _shared.device_dir_name(normalize_compute_capability(compute_capability),
+                                   parse_trt_version(trt_version))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -90,70 +78,21 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-class EngineCache:
-    """The engines of one (GPU compute capability, TensorRT version) under ``root/engines/``."""
+class EngineCache(EngineCacheReader):
+    """The engines of one (GPU compute capability, TensorRT version) under ``root/engines/``.
+
+    Paths, ``read_sidecar``, ``why_missing`` and ``lookup`` come from
+    :class:`runtime.backends.tensorrt_cache.EngineCacheReader`; this adds plan keys and writes.
+    """
 
     def __init__(self, root: str | Path, compute_capability: Any, trt_version: Any):
-        self.root = Path(root)
-        self.compute_capability = normalize_compute_capability(compute_capability)
-        self.trt_version = parse_trt_version(trt_version)
-        self.dir = self.root / ENGINES_DIR / device_dir_name(self.compute_capability, self.trt_version)
-
-    # -- paths
-    def plan_path(self, piece_id: str) -> Path:
-        return self.dir / f"{_check_piece(piece_id)}.plan"
-
-    def sidecar_path(self, piece_id: str) -> Path:
-        return self.dir / f"{_check_piece(piece_id)}.json"
-
-    def calibration_cache_path(self, piece_id: str) -> Path:
-        return self.dir / f"{_check_piece(piece_id)}.calib"
-
-    @property
-    def timing_cache_path(self) -> Path:
-        return self.dir / "timing.cache"
+        super().__init__(root, normalize_compute_capability(compute_capability), parse_trt_version(trt_version))
 
     def key(self, onnx_sha256: str, plan: EngineBuildPlan) -> str:
         if tuple(plan.trt_version) != self.trt_version:
             raise TensorRTError(f"plan was made for TensorRT {version_str(plan.trt_version)}, this cache "
                                 f"is for {version_str(self.trt_version)}")
         return engine_cache_key(self.compute_capability, self.trt_version, onnx_sha256, plan.plan_hash())
-
-    # -- read
-    def read_sidecar(self, piece_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.sidecar_path(piece_id).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def why_missing(self, piece_id: str, key: str, *, onnx_sha256: str | None = None,
-                    plan_hash: str | None = None, verify: bool = True) -> str | None:
-        """``None`` when a valid engine is stored under ``key``, else the reason in words."""
-        if not self.dir.is_dir():
-            others = sorted(p.name for p in (self.root / ENGINES_DIR).glob("*") if p.is_dir())
-            have = f" (engines exist only for: {', '.join(others)})" if others else ""
-            return f"{self.dir} does not exist{have}"
-        meta = self.read_sidecar(piece_id)
-        plan_file = self.plan_path(piece_id)
-        if meta is None:
-            return f"no engine for piece '{piece_id}' in {self.dir}"
-        if meta.get("key") != key:
-            if onnx_sha256 is not None and meta.get("onnx_sha256") != onnx_sha256:
-                return f"the stored engine for piece '{piece_id}' was built from a different ONNX file"
-            if plan_hash is not None and meta.get("plan_hash") != plan_hash:
-                return (f"the stored engine for piece '{piece_id}' was built with different build options "
-                        "(device profile tensorrt options changed)")
-            return f"the stored engine for piece '{piece_id}' has a different cache key"
-        if not plan_file.is_file():
-            return f"engine file {plan_file} is missing"
-        if plan_file.stat().st_size != meta.get("engine_bytes"):
-            return f"engine file {plan_file} is incomplete or was replaced (size mismatch)"
-        if verify and sha256_file(plan_file) != meta.get("engine_sha256"):
-            return f"engine file {plan_file} is corrupt (sha256 mismatch)"
-        return None
-
-    def lookup(self, piece_id: str, key: str, *, verify: bool = True) -> Path | None:
-        return self.plan_path(piece_id) if self.why_missing(piece_id, key, verify=verify) is None else None
 
     # -- write
     def store(self, piece_id: str, engine: bytes, key: str, *, onnx_sha256: str,

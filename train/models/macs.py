@@ -110,7 +110,8 @@ class _ParamRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _used_params(fn: Callable[[], object]) -> tuple[dict[int, int], object]:
+def used_params(fn: Callable[[], object]) -> tuple[dict[int, int], object]:
+    """Run ``fn`` and return ({id(param): numel} of every parameter it touched, its result)."""
     with _ParamRecorder() as rec:
         out = fn()
     return rec.seen, out
@@ -122,14 +123,14 @@ def params_per_exit(model: AdaptiveDepthNet, skip: Sequence[bool] | str | None =
     """Parameters used to reach each exit k under ``skip`` (stem + path + head k, twins when skipping)."""
     skip = normalize_skip(skip, model.num_stages)
     x = _input(model, input_size)
-    path, h = _used_params(lambda: model.forward_stem(x))
+    path, h = used_params(lambda: model.forward_stem(x))
     result = []
     for k, s in enumerate(skip):
-        used, h = _used_params(lambda: model.forward_mandatory(k, h, s))
+        used, h = used_params(lambda: model.forward_mandatory(k, h, s))
         path.update(used)
         if not s:
-            used, h = _used_params(lambda: model.forward_skippable(k, h))
+            used, h = used_params(lambda: model.forward_skippable(k, h))
             path.update(used)
-        head, _ = _used_params(lambda: model.forward_head(k, h))
+        head, _ = used_params(lambda: model.forward_head(k, h))
         result.append(sum({**path, **head}.values()))
     return result
