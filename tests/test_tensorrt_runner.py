@@ -416,12 +416,20 @@ def test_import_needs_neither_tensorrt_nor_torch_nor_cuda():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_missing_tensorrt_or_cuda_python_is_a_clear_import_error(built):
+def test_missing_tensorrt_or_cuda_python_is_a_clear_import_error(built, monkeypatch):
+    import importlib.util
+
+    import runtime.backends.tensorrt_runner as tr
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as here: no tensorrt
+                        lambda name, *a: None if name == "tensorrt" else real_find_spec(name, *a))
     with pytest.raises(TensorRTImportError, match=r"TensorRT is not installed.*pipeline engines"):
-        trt_runner(built)  # no tensorrt here: the guarded import
+        trt_runner(built)  # the guarded import
+    monkeypatch.setattr(tr, "CUDART_MODULES", ("cuda_missing_here.bindings.runtime", "cuda_missing_here.cudart"))
     trt, _ = fakes()
     with pytest.raises(ImportError, match=r"cuda-python.*pip install cuda-python"):
-        trt_runner(built, trt=trt)  # no cuda-python here either
+        trt_runner(built, trt=trt)  # no cuda-python
 
 
 # ----------------------------------------------------------------------------- shared cache logic
@@ -626,8 +634,9 @@ def test_call_sequence_of_one_run(built):
 def test_batch_outside_the_profile_and_bad_inputs(built):
     trt, cudart = fakes()
     r = trt_runner(built, trt=trt, cudart=cudart)
+    limits = r"'x': min_batch 1, max_batch 8 \(shapes \(1, 1, 4, 4\)\.\.\(8, 1, 4, 4\)\)"
     with pytest.raises(EngineShapeError, match=r"batch 9 is outside the engine's optimisation profile for input "
-                                               r"'x': min_batch 1, max_batch 8 \(shapes \(1, 1, 4, 4\)\.\.\(8, 1, 4, 4\)\)"):
+                                               + limits):
         r.run({"x": np.zeros((9, 1, 4, 4), np.float32)})
     with pytest.raises(EngineShapeError, match=r"axis 2 of 4 \(N, 1, 4, 4\)"):
         r.run({"x": np.zeros((2, 1, 5, 4), np.float32)})
@@ -763,3 +772,36 @@ def test_segment_executor_runs_a_bundle_on_the_tensorrt_backend(built):
         (logits,) = ex.run_exits(X, cfg)
         np.testing.assert_allclose(logits, ort_outputs(built / "onnx" / f"{pid}.onnx", X)[1], rtol=1e-6)
     assert len(trt.engines) == 2
+
+
+# ------------------------------------------------------------------------------ real cuda-python
+def test_cuda_glue_against_real_cuda_python_if_installed():
+    """Skipped unless cuda-python is installed. With a GPU it round-trips a buffer through the
+    runner's CUDA helpers; without one it checks that the calls are accepted and that errors
+    come back by name. Checked by hand with cuda-bindings 12.9 and 13.5 on a machine without a
+    GPU (cudaErrorInsufficientDriver)."""
+    from runtime.backends.tensorrt_runner import _Cuda, _stream_handle, import_cudart
+
+    try:
+        rt = import_cudart()
+    except TensorRTImportError:
+        pytest.skip("cuda-python is not installed")
+    cuda = _Cuda(rt, 0)
+    try:
+        cuda.set_device()
+    except TensorRTRunnerError as exc:
+        assert str(exc).startswith("CUDA error in cudaSetDevice(0): cudaError")
+        pytest.skip(f"no usable GPU: {exc}")
+    assert rc.normalize_compute_capability(cuda.compute_capability())
+    stream = cuda.stream_create()
+    ptr = cuda.malloc(X.nbytes)
+    back = np.empty_like(X)
+    try:
+        assert isinstance(_stream_handle(stream), int)
+        cuda.htod(ptr, X, stream)
+        cuda.dtoh(back, ptr, stream)
+        cuda.synchronize(stream)
+    finally:
+        cuda.free(ptr)
+        cuda.stream_destroy(stream)
+    np.testing.assert_array_equal(back, X)

@@ -47,6 +47,8 @@ MODELOPT_QUANTIZE_CMD = ("python -m modelopt.onnx.quantization --onnx_path {onnx
 
 
 # --------------------------------------------------------------------------------------- errors
+from runtime.backends.tensorrt_cache import EngineNotBuiltError as _RuntimeEngineNotBuiltError  # noqa: E402
+
 class TensorRTError(RuntimeError):
     """Base class of every error raised by ``export.tensorrt``."""
 
@@ -63,7 +65,7 @@ class TensorRTUnavailableError(TensorRTError, ImportError):
     """The ``tensorrt`` Python package (or libnvinfer) is not installed on this machine."""
 
 
-class EngineNotBuiltError(TensorRTError, FileNotFoundError):
+class EngineNotBuiltError(TensorRTError, _RuntimeEngineNotBuiltError):
     """No (valid) engine for this piece / GPU / TensorRT version: build it on the device first."""
 
 
@@ -80,47 +82,21 @@ class QdqOnnxRequiredError(TensorRTConfigError):
 
 
 # ----------------------------------------------------------------------------------- versions
+# One implementation of the version / compute-capability rules, shared with the runtime's engine
+# lookup (runtime/ must not import export/, so it lives there).
+from runtime.backends import tensorrt_cache as _cache  # noqa: E402
+
+normalize_compute_capability = _cache.normalize_compute_capability
+sm_tag = _cache.sm_tag
+version_str = _cache.version_str
+
+
 def parse_trt_version(version: Any) -> tuple[int, int, int]:
     """``"10.3.0.30"`` / ``(10, 3)`` / ``[11, 4, 1]`` -> ``(major, minor, patch)``."""
-    if isinstance(version, str):
-        parts = version.strip().split(".")
-    elif isinstance(version, Iterable):
-        parts = list(version)
-    else:
-        raise TensorRTConfigError(None, f"TensorRT version {version!r} is not a version string or tuple")
     try:
-        nums = [int(str(p).split("+")[0].split("rc")[0]) for p in parts[:3]]
-    except ValueError:
-        raise TensorRTConfigError(None, f"cannot parse TensorRT version {version!r}") from None
-    if not nums:
-        raise TensorRTConfigError(None, f"cannot parse TensorRT version {version!r}")
-    while len(nums) < 3:
-        nums.append(0)
-    return nums[0], nums[1], nums[2]
-
-
-def version_str(version: tuple[int, int, int]) -> str:
-    return ".".join(str(v) for v in version)
-
-
-def normalize_compute_capability(cc: Any) -> str:
-    """``"8.7"``, ``"87"``, ``"sm87"``, ``"sm_87"``, ``(8, 7)``, ``8.7`` -> ``"8.7"``."""
-    if isinstance(cc, (tuple, list)) and len(cc) == 2:
-        return f"{int(cc[0])}.{int(cc[1])}"
-    text = str(cc).strip().lower().removeprefix("sm_").removeprefix("sm")
-    if "." in text:
-        major, _, minor = text.partition(".")
-        if major.isdigit() and minor.isdigit():
-            return f"{int(major)}.{int(minor)}"
-    elif text.isdigit() and len(text) >= 2:
-        return f"{int(text[:-1])}.{int(text[-1])}"
-    raise ValueError(f"cannot parse GPU compute capability {cc!r} (expected e.g. '8.7' or 'sm87')")
-
-
-def sm_tag(cc: Any) -> str:
-    """``"8.7"`` -> ``"sm_87"`` (as ``devices.profile``; used in cache directory names)."""
-    major, minor = normalize_compute_capability(cc).split(".")
-    return f"sm_{major}{minor}"
+        return _cache.parse_trt_version(version)
+    except ValueError as exc:
+        raise TensorRTConfigError(None, str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------- ONNX

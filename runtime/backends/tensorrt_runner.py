@@ -413,8 +413,8 @@ class TensorRTPieceRunner:
                 f"{engine_file} was built for {' and '.join(problems)}; engines only run on the GPU and TensorRT "
                 "version that built them - run `pipeline engines --bundle B` on this device")
         if verify and meta.get("engine_sha256") and sha256_file(engine_file) != meta["engine_sha256"]:
-            raise EngineNotBuiltError(f"engine file {engine_file} is corrupt (sha256 mismatch with {sidecar.name}); "
-                                      "rebuild it with `pipeline engines --bundle B --force`")
+            raise EngineNotBuiltError(f"engine file {engine_file} is corrupt (sha256 mismatch with "
+                                      f"{sidecar.name}); rebuild it with `pipeline engines --bundle B --force`")
         return meta
 
     # -- I/O discovery -------------------------------------------------------------------------
@@ -504,15 +504,17 @@ class TensorRTPieceRunner:
         return "(" + ", ".join("N" if d < 0 else str(d) for d in shape) + ")"
 
     def _fitting_profiles(self, arrays: dict[str, np.ndarray]) -> list[int]:
-        fits = []
-        for p, ranges in enumerate(self._profiles):
-            if all(all(lo <= s <= hi for s, lo, hi in zip(arrays[n].shape, r[0], r[1])) for n, r in ranges.items()):
-                fits.append(p)
+        def inside(shape, lo, hi) -> bool:
+            return all(a <= s <= b for s, a, b in zip(shape, lo, hi))
+
+        fits = [p for p, ranges in enumerate(self._profiles)
+                if all(inside(arrays[n].shape, lo, hi) for n, (lo, hi) in ranges.items())]
         if fits:
             return fits
-        name, (lo, hi) = next(iter(self._profiles[0].items()))
+        bad = [(n, lo, hi) for n, (lo, hi) in self._profiles[0].items() if not inside(arrays[n].shape, lo, hi)]
+        name, lo, hi = bad[0]
         shape = arrays[name].shape
-        if all(lo[i] <= shape[i] <= hi[i] for i in range(1, len(shape))) and len(self._profiles) == 1:
+        if len(self._profiles) == 1 and inside(shape[1:], lo[1:], hi[1:]):
             raise EngineShapeError(
                 f"batch {shape[0]} is outside the engine's optimisation profile for input '{name}': "
                 f"min_batch {lo[0]}, max_batch {hi[0]} (shapes {lo}..{hi}). Split the batch, or raise "
@@ -520,8 +522,8 @@ class TensorRTPieceRunner:
                 "engines on the device (`pipeline engines --bundle B --force`)")
         limits = "; ".join(f"profile {p}: " + ", ".join(f"'{n}' {r[0]}..{r[1]}" for n, r in ranges.items())
                            for p, ranges in enumerate(self._profiles))
-        raise EngineShapeError(f"input shapes {({n: a.shape for n, a in arrays.items()})} fit none of the engine's "
-                               f"optimisation profiles ({limits})")
+        shapes = {n: a.shape for n, a in arrays.items()}
+        raise EngineShapeError(f"input shapes {shapes} fit none of the engine's optimisation profiles ({limits})")
 
     # -- execution contexts --------------------------------------------------------------------
     def _new_slot(self, profile: int, thread: threading.Thread | None) -> _Slot:
@@ -606,7 +608,8 @@ class TensorRTPieceRunner:
             if self._tensors[name].dynamic and slot.shapes.get(name) != shape:
                 slot.shapes.pop(name, None)
                 if not ctx.set_input_shape(name, shape):
-                    raise EngineShapeError(f"TensorRT refused shape {shape} for input '{name}' (see the TensorRT log)")
+                    raise EngineShapeError(f"TensorRT refused shape {shape} for input '{name}' "
+                                           "(see the TensorRT log)")
                 slot.shapes[name] = shape
         outputs = {}
         for name in self._engine_outputs:

@@ -1,0 +1,1118 @@
+"""`pipeline build`: train -> export -> compile -> profile -> calibrate -> package -> evaluate
+-> report, for one device profile, with per-stage caching.
+
+::
+
+    from pipeline.build_config import build_config
+    from pipeline.build import run_build
+
+    cfg = build_config("recipe.toml", {"build.device": "jetson"})
+    result = run_build(cfg)                 # BuildResult: root, stages, report (dict)
+    plan = run_build(cfg, dry_run=True)     # writes nothing: result.plan says what would run
+
+Layout of ``<out>/<profile name>/`` (docs/build.md)::
+
+    build.toml            the effective build config
+    .build-state.json     per stage: input hash, outputs (content hashes), seconds (atomic)
+    bundle/               what ships to the device (compiled for it, calibrated, latency table)
+    <model>-<device>.tar.gz   the same bundle as one archive
+    host/                 non-host devices only: the same weights compiled for THIS machine;
+                          every MEASURED number of the report comes from it
+    report.md, report.json, plots/*.png
+    train/                the training run (model.pt, eval.json, metrics.jsonl, exits.png)
+    work/                 intermediate stage outputs (portable export, monolithic ONNX, ...)
+
+A stage is reused when the content hash of its inputs (its config section, the content hashes
+of the upstream stages' outputs, the data files, this machine for measured stages) equals the
+one recorded after it last completed and its outputs are intact. Every output is written
+atomically (``runtime.atomic``), and the state only after the outputs: a build killed at any
+point leaves the previous complete bundle (or none) and the next build completes the rest.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.build_config import BuildConfig, content_hash
+
+__all__ = ["STAGES", "BuildPaths", "StageRecord", "BuildResult", "run_build", "plan_build",
+           "resolve_device", "device_dir", "data_identity", "BuildError"]
+
+Log = Callable[[str], None]
+STAGES = ("train", "export", "compile", "profile", "calibrate", "package", "evaluate", "report")
+STATE_SCHEMA = 1
+STATE_NAME = ".build-state.json"
+
+
+class BuildError(RuntimeError):
+    """A stage failed for a reason a user can act on (one line)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# paths and state
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildPaths:
+    root: Path
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def export(self) -> Path:
+        return self.work / "export"
+
+    @property
+    def portable(self) -> Path:
+        return self.export / "portable"
+
+    @property
+    def monolithic(self) -> Path:
+        return self.export / "monolithic.onnx"
+
+    @property
+    def compiled(self) -> Path:
+        return self.work / "compiled"
+
+    @property
+    def profiled(self) -> Path:
+        return self.work / "profiled"
+
+    @property
+    def calibrated(self) -> Path:
+        return self.work / "calibrated"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.work / "evaluate"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def host(self) -> Path:
+        return self.root / "host"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def build_toml(self) -> Path:
+        return self.root / "build.toml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE_NAME
+
+
+@dataclass
+class StageRecord:
+    """One stage of one build: ``status`` is built / reused / external (--checkpoint) / failed,
+    or, in a dry run, build / reuse / external."""
+    name: str
+    status: str
+    seconds: float = 0.0
+    why: str = ""
+    built_seconds: Optional[float] = None  # how long it took when it was built
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BuildResult:
+    root: Path
+    device: str
+    stages: list[StageRecord]
+    dry_run: bool = False
+    report: Optional[dict] = None
+    seconds: float = 0.0
+
+    @property
+    def paths(self) -> BuildPaths:
+        return BuildPaths(self.root)
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"schema": STATE_SCHEMA, "stages": {}}
+    if not isinstance(data, dict) or data.get("schema") != STATE_SCHEMA \
+            or not isinstance(data.get("stages"), dict):
+        return {"schema": STATE_SCHEMA, "stages": {}}
+    return data
+
+
+def _save_state(path: Path, state: dict) -> None:
+    from runtime.atomic import atomic_write_json
+
+    atomic_write_json(path, state)
+
+
+def sha256_file(path: Path) -> str:
+    from runtime.manifest import sha256_file as _sha
+
+    return _sha(path)
+
+
+def _json_safe(value: Any) -> Any:
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# device, data identity
+# ---------------------------------------------------------------------------------------------
+
+def resolve_device(name: str):
+    """``(profile, is_host)``: the device profile and whether its code runs on this machine
+    (same architecture, the CPU features it lists, and its GPU if it has one)."""
+    from devices import load_profile
+
+    profile = load_profile(name)
+    return profile, bool(profile.is_host_compatible(check_gpu=True))
+
+
+def device_dir(cfg: BuildConfig) -> Path:
+    profile, _ = resolve_device(cfg.build.device)
+    return Path(cfg.build.out) / profile.name
+
+
+_DIGESTS: dict[str, dict] = {}
+CONTENT_HASH_LIMIT = 512 << 20  # bytes of data files hashed by content; beyond: size + mtime
+
+
+def _data_path(data: str, root: Optional[str]) -> Optional[Path]:
+    if root:
+        return Path(root).expanduser()
+    base = Path(os.environ.get("DATASETS_ROOT", "/usr/share/datasets"))
+    key = data.strip().lower().replace("_", "-")
+    names = {"fashion-mnist": ["fashion-mnist"], "fashionmnist": ["fashion-mnist"],
+             "fmnist": ["fashion-mnist"], "mnist": ["mnist"], "cifar10": ["cifar10", "cifar-10"],
+             "cifar-10": ["cifar10", "cifar-10"], "cifar100": ["cifar100", "cifar-100"],
+             "cifar-100": ["cifar100", "cifar-100"]}.get(key)
+    if names:
+        for b in dict.fromkeys([base, Path("/usr/share/datasets")]):
+            for n in names:
+                if (b / n).is_dir():
+                    return b / n
+        return None
+    p = Path(data).expanduser()
+    return p if not key.startswith("synthetic") and p.is_dir() else None
+
+
+def data_identity(data: str, root: Optional[str]) -> dict:
+    """What a data set's content is, for cache keys: its name, and the content hash of the
+    files under its root (sizes and mtimes only beyond 512 MiB in total)."""
+    ident: dict[str, Any] = {"data": data, "root": root}
+    path = _data_path(data, root)
+    if path is None:
+        return ident
+    key = str(path.resolve())
+    if key not in _DIGESTS:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                files.append(Path(dirpath) / name)
+            if len(files) > 200_000:
+                break
+        total = sum(f.stat().st_size for f in files)
+        h = hashlib.sha256()
+        by_content = total <= CONTENT_HASH_LIMIT
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}\0{st.st_size}\0".encode())
+            if by_content:
+                h.update(sha256_file(f).encode())
+            else:
+                h.update(str(st.st_mtime_ns).encode())
+        _DIGESTS[key] = {"path": key, "files": len(files), "bytes": total,
+                         "digest": h.hexdigest(), "by": "content" if by_content else "size+mtime"}
+    ident["files"] = _DIGESTS[key]
+    return ident
+
+
+def _host_identity() -> dict:
+    from devices.host import fingerprint
+
+    fp = fingerprint()
+    return {k: fp.get(k) for k in ("arch", "cpu_model", "cpu_cores", "usable_cores", "isa",
+                                   "memory_gb", "onnxruntime", "numpy")}
+
+
+def _cleanup_stale(root: Path) -> None:
+    """Remove temp/backup entries that a killed atomic write left behind."""
+    for d in (root, root / "work"):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the build context
+# ---------------------------------------------------------------------------------------------
+
+class _Ctx:
+    def __init__(self, cfg: BuildConfig, log: Log, *, dry_run: bool) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.dry_run = dry_run
+        self.profile, self.is_host = resolve_device(cfg.build.device)
+        self.paths = BuildPaths(Path(cfg.build.out) / self.profile.name)
+        self.state = _load_state(self.paths.state)
+        self.outputs: dict[str, dict] = {}
+        self.records: dict[str, StageRecord] = {}
+        self._host_profile = None
+
+    @property
+    def host_profile(self):
+        """The profile of this machine, for the host bundle (its ORT threads per [build].threads)."""
+        if self._host_profile is None:
+            from devices import load_profile
+            from devices.host import guess_profile
+
+            base = self.profile if self.is_host else load_profile(guess_profile())
+            self._host_profile = _with_threads(base, self.cfg.build.threads)
+        return self._host_profile
+
+    @property
+    def measured_bundle_dir(self) -> str:
+        """Name (under compiled/, profiled/, calibrated/) of the bundle measured here."""
+        return "device" if self.is_host else "host"
+
+    def device_profile_for_compile(self):
+        return self.host_profile if self.is_host else self.profile
+
+
+def _with_threads(profile, threads: int):
+    if not threads:
+        return profile
+    p = copy.deepcopy(profile)
+    spec = p.backend("onnxruntime")
+    if spec is not None:
+        spec.options["intra_op_threads"] = int(threads)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# stages: inputs (for the cache key), run, outputs check
+# ---------------------------------------------------------------------------------------------
+
+def _train_inputs(ctx: _Ctx) -> dict:
+    cfg = ctx.cfg
+    if cfg.build.checkpoint:
+        return {"checkpoint": str(Path(cfg.build.checkpoint).resolve()),
+                "sha256": sha256_file(Path(cfg.build.checkpoint))}
+    return {"train": cfg.section_dict("train") | {"out": None},
+            "data": data_identity(cfg.train.data, cfg.train.data_root)}
+
+
+def _train_run(ctx: _Ctx, input_hash: str) -> dict:
+    from train.trainer import Trainer
+
+    cfg, paths = ctx.cfg, ctx.paths
+    marker = paths.train / ".build-input"
+    resume = (paths.train / "checkpoint.pt").is_file() and marker.is_file() \
+        and marker.read_text().strip() == input_hash
+    if not resume and paths.train.exists():
+        shutil.rmtree(paths.train)
+    paths.train.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        from runtime.atomic import atomic_write_text
+        atomic_write_text(marker, input_hash + "\n")
+    tc = dataclasses.replace(cfg.train, out=str(paths.train))
+    if resume:
+        ctx.log(f"  resuming the interrupted training run in {paths.train}")
+    summary = Trainer(tc, log=ctx.log).fit(resume=resume)
+    ckpt = paths.train / "model.pt"
+    if not ckpt.is_file():
+        raise BuildError(f"training wrote no {ckpt}")
+    return {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt),
+            "full_depth_accuracy": summary.get("full_depth_accuracy"),
+            "base_accuracy": summary.get("base_accuracy"), "steps": summary.get("steps"),
+            "epochs": summary.get("epochs")}
+
+
+def _train_ok(ctx: _Ctx, out: dict) -> bool:
+    p = Path(out.get("checkpoint", ""))
+    return p.is_file() and sha256_file(p) == out.get("sha256")
+
+
+def _export_inputs(ctx: _Ctx) -> dict:
+    t = ctx.outputs["train"]
+    return {"export": ctx.cfg.section_dict("export"), "checkpoint_sha256": t["sha256"],
+            "data_root": ctx.cfg.train.data_root}
+
+
+def _export_run(ctx: _Ctx, input_hash: str) -> dict:
+    from export.portable import export_checkpoint
+    from pipeline.evaluate import export_monolithic
+    from runtime.atomic import atomic_directory, atomic_write_json
+
+    cfg, paths, log = ctx.cfg, ctx.paths, ctx.log
+    ckpt = Path(ctx.outputs["train"]["checkpoint"])
+    e = cfg.export
+    with atomic_directory(paths.export, overwrite=True) as tmp:
+        export_checkpoint(ckpt, tmp / "portable", opset=e.opset, parity_samples=e.parity_samples,
+                          progress=log, granularity=e.granularity, exporter=e.exporter,
+                          data_root=cfg.train.data_root)
+        t0 = time.perf_counter()
+        info = export_monolithic(ckpt, tmp / "monolithic.onnx", opset=e.opset, exporter=e.exporter,
+                                 parity_samples=e.parity_samples, data_root=cfg.train.data_root)
+        atomic_write_json(tmp / "monolithic.json", info)
+        log(f"export  monolithic.onnx (whole model, final exit only)  "
+            f"{(time.perf_counter() - t0) * 1e3:7.0f} ms  {info['size_bytes'] / 1024:8.1f} KiB  "
+            f"{info['macs'] / 1e6:.2f} MMACs  max|onnx-torch| {info['max_logits_diff']:.1e}")
+    return {"portable_manifest": sha256_file(paths.portable / "manifest.json"),
+            "monolithic": sha256_file(paths.monolithic), "mono_macs": info["macs"]}
+
+
+def _bundle_ok(path: Path, sha: Optional[str] = None) -> bool:
+    from runtime.bundle import Bundle
+
+    try:
+        Bundle.open(path, verify=True)
+    except Exception:  # noqa: BLE001 - any problem: rebuild
+        return False
+    return sha is None or sha256_file(path / "manifest.json") == sha
+
+
+def _export_ok(ctx: _Ctx, out: dict) -> bool:
+    p = ctx.paths
+    return (_bundle_ok(p.portable, out.get("portable_manifest")) and p.monolithic.is_file()
+            and sha256_file(p.monolithic) == out.get("monolithic")
+            and (p.export / "monolithic.json").is_file())
+
+
+def resolve_backends(ctx: _Ctx) -> tuple[list[str], dict[str, str]]:
+    """The backends to compile for the device and why the others are left out."""
+    from export.compile import BackendUnavailable, check_backend
+
+    cfg, profile = ctx.cfg, ctx.profile
+    auto = cfg.build.backends == "auto"
+    wanted = profile.backend_order() if auto else list(cfg.build.backends)
+    chosen, skipped = [], {}
+    for b in wanted:
+        if auto and b == "tvm" and not cfg.build.tune_trials and any(x != "tvm" for x in wanted):
+            skipped[b] = ("left out by default: untuned TVM code is 20-70x slower than ONNX Runtime "
+                          "and the runtime prefers onnxruntime; add it with --backends (or tune "
+                          "with --tune-trials N)")
+            continue
+        try:
+            check_backend(profile, b)
+        except BackendUnavailable as exc:
+            if not auto:
+                raise ValueError(f"backend {b!r} cannot be compiled for {profile.name}: {exc}") from None
+            skipped[b] = str(exc)
+            continue
+        chosen.append(b)
+    if not chosen:
+        raise ValueError(f"nothing to compile for {profile.name}: "
+                         + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
+    return chosen, skipped
+
+
+def _compile_inputs(ctx: _Ctx) -> dict:
+    backends, _ = resolve_backends(ctx)
+    d = {"device_profile": ctx.device_profile_for_compile().to_dict(), "backends": backends,
+         "tune_trials": ctx.cfg.build.tune_trials,
+         "portable_manifest": ctx.outputs["export"]["portable_manifest"]}
+    if not ctx.is_host:
+        d["host_profile"] = ctx.host_profile.to_dict()
+    return d
+
+
+def _compile_run(ctx: _Ctx, input_hash: str) -> dict:
+    from export.compile import compile_bundle
+    from runtime.atomic import atomic_directory
+
+    paths, log = ctx.paths, ctx.log
+    backends, skipped = resolve_backends(ctx)
+    for b, why in skipped.items():
+        log(f"skip    {b}: {why}")
+    with atomic_directory(paths.compiled, overwrite=True) as tmp:
+        compile_bundle(paths.portable, ctx.device_profile_for_compile(), backends=backends,
+                       out_dir=tmp / "device", tune_trials=ctx.cfg.build.tune_trials, progress=log)
+        if not ctx.is_host:
+            log(f"host bundle: the same pieces for this machine ({ctx.host_profile.name}), "
+                "for the measured numbers")
+            compile_bundle(paths.portable, ctx.host_profile, backends=["onnxruntime"],
+                           out_dir=tmp / "host", progress=log)
+    out = {"device": sha256_file(paths.compiled / "device" / "manifest.json"),
+           "backends": backends, "skipped": skipped}
+    if not ctx.is_host:
+        out["host"] = sha256_file(paths.compiled / "host" / "manifest.json")
+    return out
+
+
+def _bundles_ok(base: Path, out: dict, names=("device", "host")) -> bool:
+    return all(_bundle_ok(base / n, out[n]) for n in names if n in out)
+
+
+def _profile_settings(mode: str):
+    from devices.profiler import FULL, QUICK, MeasureSettings
+
+    if mode == "quick":
+        return QUICK
+    if mode == "full":
+        return FULL
+    return MeasureSettings(warmup_s=0.1, warmup_calls=10, min_iters=100, max_iters=5000,
+                           target_rse=0.03, max_seconds=0.6, block=10)
+
+
+def _profile_inputs(ctx: _Ctx) -> dict:
+    c = ctx.outputs["compile"]
+    return {"profile": ctx.cfg.section_dict("profile"), "compiled": {k: c[k] for k in ("device", "host")
+                                                                      if k in c},
+            "machine": _host_identity()}
+
+
+def _profile_run(ctx: _Ctx, input_hash: str) -> dict:
+    from devices.latency import estimate_bundle, write_latency
+    from devices.profiler import profile_bundle
+    from runtime.atomic import atomic_directory
+    from runtime.bundle import Bundle
+
+    paths, log, cfg = ctx.paths, ctx.log, ctx.cfg
+    batches = list(cfg.profile.batches)
+    settings = _profile_settings(cfg.profile.mode)
+    info: dict[str, Any] = {}
+    with atomic_directory(paths.profiled, overwrite=True) as tmp:
+        for name in ("device", "host"):
+            if (paths.compiled / name).is_dir():
+                shutil.copytree(paths.compiled / name, tmp / name)
+        if not ctx.is_host:
+            m = Bundle.open(tmp / "device", verify=False).manifest
+            order = (m.annotations.get("compile") or {}).get("backend_order") or []
+            t0 = time.perf_counter()
+            for b in order:
+                entries = estimate_bundle(tmp / "device", ctx.profile, backend=b, batches=batches)
+                write_latency(tmp / "device", entries)
+            info["device"] = {"kind": "estimated", "backends": order}
+            log(f"estimate {ctx.profile.name}: roofline latency of every piece and exit for "
+                f"{', '.join(order)} (batch {', '.join(map(str, batches))}) "
+                f"[{(time.perf_counter() - t0) * 1e3:.0f} ms]")
+        measured = tmp / ctx.measured_bundle_dir
+        r = profile_bundle(measured, batches=batches, settings=settings, progress=log)
+        write_latency(measured, r.entries)
+        info[ctx.measured_bundle_dir] = {"kind": "measured", "device": r.device,
+                                         "backend": r.backend, "target": r.target,
+                                         "seconds": round(r.seconds, 2), "mode": cfg.profile.mode}
+    out = {"info": info, "device": sha256_file(paths.profiled / "device" / "manifest.json")}
+    if not ctx.is_host:
+        out["host"] = sha256_file(paths.profiled / "host" / "manifest.json")
+    return out
+
+
+def _calibrate_inputs(ctx: _Ctx) -> dict:
+    p = ctx.outputs["profile"]
+    return {"calibrate": ctx.cfg.section_dict("calibrate"),
+            "profiled": {k: p[k] for k in ("device", "host") if k in p},
+            "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root)}
+
+
+def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
+    import numpy as np
+
+    from pipeline.evaluate import config_probabilities
+    from pipeline.runtime_cmd import dataset_for_bundle, split_arrays
+    from runtime.atomic import atomic_directory, atomic_write_json
+    from runtime.model import AdaptiveModel
+
+    paths, log, cfg = ctx.paths, ctx.log, ctx.cfg
+    c = cfg.calibrate
+    with atomic_directory(paths.calibrated, overwrite=True) as tmp:
+        for name in ("device", "host"):
+            if (paths.profiled / name).is_dir():
+                shutil.copytree(paths.profiled / name, tmp / name)
+        here = tmp / ctx.measured_bundle_dir
+        model = AdaptiveModel.load(here, warn=False)
+        data_name, ds = dataset_for_bundle(model.manifest, None, cfg.train.data_root)
+        x, y = split_arrays(ds.val, c.limit or None)
+        if len(y) == 0:
+            raise BuildError(f"data set {data_name!r} has no validation split to calibrate on")
+        log(f"calibrate on {data_name} val split ({len(y)} images) with {model.backend} "
+            f"({model.target}) on this machine")
+        probs = config_probabilities(model, x, batch_size=cfg.evaluate.batch_size, progress=log)
+        np.savez_compressed(tmp / "val.npz", labels=y,
+                            **{f"p_{cfg_}": p for cfg_, p in probs.items()})
+        skip_accuracy = {k: float((p[-1].argmax(axis=1) == y).mean()) for k, p in probs.items()}
+        targets = {"host": here}
+        if not ctx.is_host:
+            targets["device"] = tmp / "device"
+        summary: dict[str, Any] = {"data": data_name, "n": int(len(y)),
+                                   "skip_accuracy": skip_accuracy, "bundles": {}}
+        for role, bdir in targets.items():
+            t0 = time.perf_counter()
+            rec = _calibrate_bundle(ctx, bdir, probs, y, skip_accuracy, data_name,
+                                    measured=(role == "host"), model=model)
+            summary["bundles"]["device" if (role == "device" or ctx.is_host) else "host"] = rec
+            log(f"calibrate {role if not ctx.is_host else 'bundle'}: {rec['rule']} on {rec['skip_config']} "
+                f"with {rec['costs_kind']} costs ({rec['cost_source']}): val accuracy "
+                f"{100 * rec['val_accuracy']:.2f}% (full depth {100 * rec['full_depth_accuracy']:.2f}%), "
+                f"mean depth {rec['mean_exit']:.2f}/{model.stages}, mean latency "
+                f"{rec['mean_latency_ms']:.3f} ms [{(time.perf_counter() - t0) * 1e3:.0f} ms]")
+        atomic_write_json(tmp / "calibration.json", _json_safe(summary))
+    out = {"device": sha256_file(paths.calibrated / "device" / "manifest.json"),
+           "val": sha256_file(paths.calibrated / "val.npz")}
+    if not ctx.is_host:
+        out["host"] = sha256_file(paths.calibrated / "host" / "manifest.json")
+    return out
+
+
+def _table_backend(manifest, device: str) -> Optional[str]:
+    """The first backend of the bundle's compile order with a batch-1 latency table on
+    ``device`` (what the runtime on that device will use once it can)."""
+    order = (manifest.annotations.get("compile") or {}).get("backend_order") or []
+    for b in list(order) + ["onnxruntime", "tensorrt", "tvm"]:
+        if manifest.latency_group(device, b, 1):
+            return b
+    return None
+
+
+def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict, data_name: str,
+                      *, measured: bool, model) -> dict:
+    """Fit the configured rule for one bundle with that bundle's own latency table and write
+    its stopping record and annotations (the same fields `pipeline calibrate` writes)."""
+    from devices.latency import segment_costs_ms
+    from runtime.bundle import Bundle
+    from runtime.calibration import calibrate
+    from runtime.manifest import MANIFEST_NAME, Stopping, save_manifest, utc_now_iso
+
+    c = ctx.cfg.calibrate
+    b = Bundle.open(bdir, verify=False)
+    m = b.manifest
+    S = m.stages
+    device = (next((e.device for e in m.latency if e.kind == "measured"), None) if measured
+              else ctx.profile.name)
+    backend = _table_backend(m, device)
+    if backend is None:
+        raise BuildError(f"{bdir}: no batch-1 latency table for {device}")
+    kind = m.latency_kind(device, backend, 1)
+    costs = {cfg_: segment_costs_ms(m, device, backend, cfg_, 1, "p50") for cfg_ in m.skip_configs}
+    full = "F" * S
+    use_budget = c.mean_budget_ms is not None and (not measured or ctx.is_host)
+    if c.skip_config == "full":
+        candidates = [full]
+    elif c.skip_config == "auto":
+        candidates = list(m.skip_configs)
+    else:
+        if c.skip_config not in m.skip_configs:
+            raise ValueError(f"[calibrate].skip_config {c.skip_config!r} is not a skip config of "
+                             f"this model ({', '.join(m.skip_configs)})")
+        candidates = [c.skip_config]
+    search = []
+    best = None
+    for cand in candidates:
+        kw: dict[str, Any] = {}
+        if use_budget:
+            kw["mean_budget_ms"] = float(c.mean_budget_ms)
+        else:
+            # the target is relative to FULL depth of FF..F: a configuration whose own full depth
+            # is less accurate has that much less room
+            room = float(c.max_drop) - 100.0 * (skip_accuracy[full] - skip_accuracy[cand])
+            if room < 0:
+                search.append({"skip_config": cand, "eligible": False,
+                               "full_depth_accuracy": skip_accuracy[cand]})
+                continue
+            kw["max_drop"] = room
+        if c.risk_delta is not None:
+            kw["risk_delta"] = float(c.risk_delta)
+        try:
+            res = calibrate(c.rule, probs[cand], y, costs[cand], **kw)
+        except ValueError as exc:
+            search.append({"skip_config": cand, "eligible": False, "error": str(exc)})
+            continue
+        search.append({"skip_config": cand, "eligible": True, "rule": res.rule_name,
+                       "val_accuracy": res.val_accuracy, "mean_latency_ms": res.mean_latency_ms})
+        score = (-res.val_accuracy, res.mean_latency_ms) if use_budget \
+            else (res.mean_latency_ms, -res.val_accuracy)
+        if best is None or score < best[0]:
+            best = (score, cand, res)
+    if best is None:
+        raise BuildError(f"calibration found no skip configuration meeting the target: {search}")
+    _score, cfg_, res = best
+    new = m.copy()
+    stopping = res.to_stopping(created=utc_now_iso())
+    new.stopping = Stopping(rule=stopping.rule, params=_json_safe(stopping.params),
+                            val_accuracy=stopping.val_accuracy,
+                            mean_latency_ms=stopping.mean_latency_ms, created=stopping.created)
+    source = (f"latency table ({kind}, device {device}, {backend})")
+    ann = dict(new.annotations)
+    ann["skip_accuracy"] = skip_accuracy
+    ann["calibration"] = _json_safe({
+        "rule": res.rule_name, "skip_config": cfg_, "data": data_name, "split": "val",
+        "n": int(len(y)), "backend": model.backend, "target": model.target,
+        "segment_ms": costs[cfg_], "segment_ms_source": source,
+        "max_drop": None if use_budget else float(c.max_drop),
+        "mean_budget_ms": float(c.mean_budget_ms) if use_budget else None,
+        "risk_delta": c.risk_delta, "full_depth_accuracy": skip_accuracy[full],
+        "mean_exit": res.mean_exit, "exit_histogram": res.exit_histogram,
+        "requested_rule": c.rule, "created": new.stopping.created,
+        "predictions_from": (f"this machine's {model.backend} artifacts ({model.target}) of the "
+                             "same ONNX pieces" if not measured or not ctx.is_host else "this bundle"),
+        "skip_config_search": search if len(candidates) > 1 else None,
+        "by": "pipeline build",
+    })
+    new.annotations = ann
+    save_manifest(new, b.root / MANIFEST_NAME)
+    Bundle.open(b.root, verify=True)
+    return {"rule": res.rule_name, "params": res.params, "skip_config": cfg_,
+            "val_accuracy": res.val_accuracy, "full_depth_accuracy": skip_accuracy[full],
+            "config_full_depth_accuracy": res.full_depth_accuracy,
+            "mean_latency_ms": res.mean_latency_ms, "mean_exit": res.mean_exit,
+            "exit_histogram": res.exit_histogram, "segment_ms": costs[cfg_],
+            "cost_source": source, "costs_kind": kind, "device": device, "backend": backend,
+            "target": {"max_drop": None if use_budget else c.max_drop,
+                       "mean_budget_ms": c.mean_budget_ms if use_budget else None,
+                       "risk_delta": c.risk_delta},
+            "details": _json_safe({k: v for k, v in res.details.items() if k != "frontier"}),
+            "search": search if len(candidates) > 1 else None}
+
+
+def archive_name(ctx: _Ctx, model_name: str) -> str:
+    return f"{model_name}-{ctx.profile.name}"
+
+
+def _package_inputs(ctx: _Ctx) -> dict:
+    cal = ctx.outputs["calibrate"]
+    return {"calibrated": {k: cal[k] for k in ("device", "host") if k in cal},
+            "archive": ctx.cfg.build.archive}
+
+
+def _package_run(ctx: _Ctx, input_hash: str) -> dict:
+    from runtime.archive import pack_bundle
+    from runtime.atomic import atomic_directory
+    from runtime.bundle import Bundle
+
+    paths, log = ctx.paths, ctx.log
+    with atomic_directory(paths.bundle, overwrite=True) as tmp:
+        shutil.copytree(paths.calibrated / "device", tmp, dirs_exist_ok=True)
+        Bundle.open(tmp, verify=True)
+    log(f"wrote {paths.bundle} (ships to {ctx.profile.name})")
+    out: dict[str, Any] = {"device": sha256_file(paths.bundle / "manifest.json")}
+    if not ctx.is_host:
+        with atomic_directory(paths.host, overwrite=True) as tmp:
+            shutil.copytree(paths.calibrated / "host", tmp, dirs_exist_ok=True)
+            Bundle.open(tmp, verify=True)
+        log(f"wrote {paths.host} (the same weights for this machine: the measured numbers)")
+        out["host"] = sha256_file(paths.host / "manifest.json")
+    for old in paths.root.glob("*.tar.gz"):
+        old.unlink()
+    if ctx.cfg.build.archive:
+        m = Bundle.open(paths.bundle, verify=False).manifest
+        name = archive_name(ctx, m.model.name)
+        arc = paths.root / f"{name}.tar.gz"
+        pack_bundle(paths.bundle, arc, arcname=name)
+        log(f"wrote {arc} ({arc.stat().st_size / 1024:.1f} KiB; unpacks to {name}/)")
+        out["archive"] = arc.name
+        out["archive_sha256"] = sha256_file(arc)
+    return out
+
+
+def _package_ok(ctx: _Ctx, out: dict) -> bool:
+    p = ctx.paths
+    ok = _bundle_ok(p.bundle, out.get("device"))
+    if "host" in out:
+        ok = ok and _bundle_ok(p.host, out["host"])
+    if out.get("archive"):
+        arc = p.root / out["archive"]
+        ok = ok and arc.is_file() and sha256_file(arc) == out.get("archive_sha256")
+    return ok
+
+
+def _evaluate_inputs(ctx: _Ctx) -> dict:
+    pk = ctx.outputs["package"]
+    return {"evaluate": ctx.cfg.section_dict("evaluate"),
+            "bundles": {k: pk[k] for k in ("device", "host") if k in pk},
+            "monolithic": ctx.outputs["export"]["monolithic"],
+            "val": ctx.outputs["calibrate"]["val"], "machine": _host_identity(),
+            "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root)}
+
+
+def _evaluate_run(ctx: _Ctx, input_hash: str) -> dict:
+    from pipeline import evaluate as ev
+    from runtime.atomic import atomic_directory, atomic_write_json
+
+    paths = ctx.paths
+    results = evaluate_build(ctx)
+    with atomic_directory(paths.evaluation, overwrite=True) as tmp:
+        atomic_write_json(tmp / "results.json", _json_safe(results))
+    del ev
+    return {"results": sha256_file(paths.evaluation / "results.json")}
+
+
+def evaluate_build(ctx: _Ctx) -> dict:
+    """The evaluate stage: test-set numbers of the packaged bundles (pipeline/evaluate.py)."""
+    import numpy as np
+
+    from devices.latency import STATS, cumulative_table, segment_costs_ms
+    from pipeline import evaluate as ev
+    from pipeline.runtime_cmd import dataset_for_bundle, split_arrays
+    from runtime.model import AdaptiveModel
+    from runtime.rules import rule_from_stopping
+
+    cfg, paths, log = ctx.cfg, ctx.paths, ctx.log
+    e = cfg.evaluate
+    here = paths.bundle if ctx.is_host else paths.host
+    model = AdaptiveModel.load(here, warn=False)
+    m = model.manifest
+    S = m.stages
+    full = "F" * S
+    mono_info = json.loads((paths.export / "monolithic.json").read_text())
+    mono_macs = int(mono_info["macs"])
+    data_name, ds = dataset_for_bundle(m, None, cfg.train.data_root)
+    x, y = split_arrays(ds.test, e.limit or None)
+    if len(y) == 0:
+        raise BuildError(f"data set {data_name!r} has an empty test split")
+    log(f"evaluate on {data_name} test split ({len(y)} images{'' if not e.limit else ', --eval-limit'})"
+        f" with {model.backend} ({model.target}) on this machine")
+    probs = ev.config_probabilities(model, x, batch_size=e.batch_size, progress=log)
+    host_dev = model.latency_device
+    host_backend = model.table.backend
+    table = cumulative_table(m, host_dev, host_backend, 1, stats=STATS)
+    cal = m.annotations.get("calibration") or {}
+    cal_cfg = cal.get("skip_config") or full
+    val = np.load(paths.calibrated / "val.npz")
+    val_y = val["labels"]
+    val_probs = val[f"p_{cal_cfg}"]
+    p50 = segment_costs_ms(m, host_dev, host_backend, cal_cfg, 1, "p50")
+
+    static = ev.static_points(probs, y, m, table, mono_macs)
+    curves = ev.rule_curves(e.rules, e.max_drops, val_probs, val_y, probs[cal_cfg], y, cal_cfg,
+                            p50, table, m, mono_macs, progress=log)
+    rule = rule_from_stopping(m.stopping)
+    cum_mean = np.array([r["mean"] for r in table[cal_cfg]])
+    cum_p99 = np.array([r["p99"] for r in table[cal_cfg]])
+    deployed_exits = (ev.simulate_exits(rule, probs[cal_cfg], p50) if rule is not None
+                      else np.full(len(y), S - 1))
+    deployed = ev._point(probs[cal_cfg], y, deployed_exits, cum_mean, cum_p99, m, cal_cfg, mono_macs)
+    deployed.update(rule=m.stopping.rule or "full", kind="simulated")
+    full_exits = np.full(len(y), S - 1)
+    full_pt = ev._point(probs[full], y, full_exits, np.array([r["mean"] for r in table[full]]),
+                        np.array([r["p99"] for r in table[full]]), m, full, mono_macs)
+    full_pt.update(rule="full", kind="simulated")
+    default_cfg = model.default_skip_config
+    budgets = list(e.budgets_ms) or ev.default_budgets(table, default_cfg)
+    bpoints = ev.budget_points(model, budgets, probs, y, table, mono_macs)
+    headline_budget = e.headline_budget_ms or budgets[len(budgets) // 2]
+
+    mono = ev.MonolithicSession.like(model, paths.monolithic)
+    mono_acc = mono.accuracy(x, y, e.batch_size)
+    n_meas = min(len(y), e.measure_limit or len(y))
+    log(f"measure at batch 1, interleaved: monolithic ONNX Runtime session, segmented full depth, "
+        f"adaptive ({m.stopping.rule or 'full'}), budget {headline_budget:g} ms; {n_meas} images "
+        f"(threads: intra {mono.options['intra_op_threads'] or 'auto'}, inter "
+        f"{mono.options['inter_op_threads'] or 'auto'})")
+    headline = ev.measure_headline(model, mono, x[:n_meas], y[:n_meas], full_config=full,
+                                   budget_ms=headline_budget, mono_macs=mono_macs,
+                                   warmup=e.warmup, progress=log)
+    from devices.host import fingerprint
+
+    fp = fingerprint()
+    results: dict[str, Any] = {
+        "data": {"name": data_name, "split": "test", "n": int(len(y)),
+                 "limited": bool(e.limit), "val_n": int(len(val_y))},
+        "host": {"device": host_dev, "backend": host_backend, "target": model.target,
+                 "bundle": here.name, "latency_kind": m.latency_kind(host_dev, host_backend, 1),
+                 "machine": {k: fp.get(k) for k in ("arch", "cpu_model", "cpu_cores",
+                                                    "usable_cores", "onnxruntime", "numpy",
+                                                    "python")},
+                 "threads": mono.options},
+        "monolithic": {**mono_info, "accuracy": mono_acc},
+        "calibration": {"skip_config": cal_cfg, "rule": m.stopping.rule,
+                        "params": m.stopping.params, "val_accuracy": m.stopping.val_accuracy,
+                        "segment_ms": p50, "full_depth_val_accuracy": cal.get("full_depth_accuracy")},
+        "latency_table": {cfg_: rows for cfg_, rows in table.items()},
+        "static": static, "rule_curves": curves, "budgets": bpoints,
+        "deployed": deployed, "full_depth": full_pt, "headline_budget_ms": headline_budget,
+        "measured": headline,
+        "test_full_depth_accuracy_per_config": {k: float((p[-1].argmax(axis=1) == y).mean())
+                                                for k, p in probs.items()},
+    }
+    if not ctx.is_host:
+        results["device_estimate"] = _device_estimate(ctx, probs, y, mono_macs)
+    return results
+
+
+def _device_estimate(ctx: _Ctx, probs: dict, y, mono_macs: int) -> dict:
+    """The shipped bundle's own rule and ESTIMATED latency on the device, on the test set."""
+    import numpy as np
+
+    from devices.latency import cumulative_table, segment_costs_ms
+    from pipeline import evaluate as ev
+    from runtime.bundle import Bundle
+    from runtime.rules import rule_from_stopping
+
+    m = Bundle.open(ctx.paths.bundle, verify=False).manifest
+    S = m.stages
+    dev = ctx.profile.name
+    out: dict[str, Any] = {"device": dev, "kind": "estimated", "backends": {}}
+    cal = m.annotations.get("calibration") or {}
+    cfg_ = cal.get("skip_config") or "F" * S
+    rule = rule_from_stopping(m.stopping)
+    order = (m.annotations.get("compile") or {}).get("backend_order") or []
+    for b in order:
+        if not m.latency_group(dev, b, 1):
+            continue
+        table = cumulative_table(m, dev, b, 1, stats=("mean", "p99"))
+        p50 = segment_costs_ms(m, dev, b, cfg_, 1, "p50")
+        exits = ev.simulate_exits(rule, probs[cfg_], p50) if rule is not None \
+            else np.full(len(y), S - 1)
+        cum = np.array([r["mean"] for r in table[cfg_]])
+        pt = ev._point(probs[cfg_], y, exits, cum, np.array([r["p99"] for r in table[cfg_]]), m,
+                       cfg_, mono_macs)
+        pt["full_depth_latency_ms"] = float(table["F" * S][-1]["mean"])
+        pt["speedup_vs_full_depth"] = pt["full_depth_latency_ms"] / max(pt["mean_latency_ms"], 1e-12)
+        pt["cumulative_ms"] = {c: [r["mean"] for r in rows] for c, rows in table.items()}
+        out["backends"][b] = pt
+    out["rule"] = m.stopping.rule
+    out["skip_config"] = cfg_
+    out["val_accuracy"] = m.stopping.val_accuracy
+    out["calibrated_with"] = cal.get("segment_ms_source")
+    return out
+
+
+def _evaluate_ok(ctx: _Ctx, out: dict) -> bool:
+    p = ctx.paths.evaluation / "results.json"
+    return p.is_file() and sha256_file(p) == out.get("results")
+
+
+def _report_inputs(ctx: _Ctx) -> dict:
+    return {"results": ctx.outputs["evaluate"]["results"],
+            "acceptance": ctx.cfg.section_dict("acceptance"),
+            "package": {k: v for k, v in ctx.outputs["package"].items()},
+            "config": content_hash(ctx.cfg.to_dict())}
+
+
+def _report_run(ctx: _Ctx, input_hash: str) -> dict:
+    from pipeline.report import write_report
+
+    results = json.loads((ctx.paths.evaluation / "results.json").read_text())
+    stages = [ctx.records[s].to_dict() for s in STAGES if s in ctx.records]
+    written = write_report(ctx.paths.root, results=results, cfg=ctx.cfg, profile=ctx.profile,
+                           is_host=ctx.is_host, stages=stages,
+                           archive=ctx.outputs["package"].get("archive"),
+                           train_summary=ctx.outputs.get("train"), log=ctx.log)
+    return {name: sha256_file(path) for name, path in written.items()}
+
+
+def _report_ok(ctx: _Ctx, out: dict) -> bool:
+    root = ctx.paths.root
+    return all((root / name).is_file() and sha256_file(root / name) == sha
+               for name, sha in out.items())
+
+
+_STAGE_FNS = {
+    "train": (_train_inputs, _train_run, _train_ok),
+    "export": (_export_inputs, _export_run, _export_ok),
+    "compile": (_compile_inputs, _compile_run,
+                lambda ctx, out: _bundles_ok(ctx.paths.compiled, out)),
+    "profile": (_profile_inputs, _profile_run,
+                lambda ctx, out: _bundles_ok(ctx.paths.profiled, out)),
+    "calibrate": (_calibrate_inputs, _calibrate_run,
+                  lambda ctx, out: _bundles_ok(ctx.paths.calibrated, out)
+                  and (ctx.paths.calibrated / "val.npz").is_file()
+                  and sha256_file(ctx.paths.calibrated / "val.npz") == out.get("val")),
+    "package": (_package_inputs, _package_run, _package_ok),
+    "evaluate": (_evaluate_inputs, _evaluate_run, _evaluate_ok),
+    "report": (_report_inputs, _report_run, _report_ok),
+}
+
+_DESCRIPTIONS = {
+    "train": "train the model",
+    "export": "export ONNX pieces + the monolithic ONNX",
+    "compile": "compile for the device's backends",
+    "profile": "latency tables",
+    "calibrate": "fit the stopping rule on the validation split",
+    "package": "publish the bundle (+ archive)",
+    "evaluate": "test set through the runtime",
+    "report": "report.md, report.json, plots",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+
+def _effective_config(cfg: BuildConfig, paths: BuildPaths, log: Log) -> BuildConfig:
+    """Fill in what the build decides: the training run directory, and with --checkpoint the
+    recipe the checkpoint was trained with."""
+    train = dataclasses.replace(cfg.train, out=str(paths.train))
+    if cfg.build.checkpoint:
+        ckpt = Path(cfg.build.checkpoint)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        from train.checkpoint import load_checkpoint
+        from train.config import TrainConfig
+
+        state = load_checkpoint(ckpt)
+        saved = dict(state.get("config") or {})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        saved = {k: v for k, v in saved.items() if k in known}
+        if cfg.train.data_root:
+            saved["data_root"] = cfg.train.data_root
+        saved["out"] = str(Path(saved.get("out") or ckpt.parent))
+        train = TrainConfig.from_dict(saved, source=str(ckpt))
+        build = dataclasses.replace(cfg.build, checkpoint=str(ckpt.resolve()))
+        return dataclasses.replace(cfg, train=train, build=build)
+    return dataclasses.replace(cfg, train=train)
+
+
+def _ctx(cfg: BuildConfig, log: Log, dry_run: bool) -> _Ctx:
+    ctx = _Ctx(cfg, log, dry_run=dry_run)
+    ctx.cfg = _effective_config(cfg, ctx.paths, log)
+    return ctx
+
+
+def plan_build(cfg: BuildConfig, *, force: bool = False, log: Log = print) -> BuildResult:
+    """What a build would do (reuse or build, per stage, and why), without writing anything."""
+    return run_build(cfg, force=force, dry_run=True, log=log)
+
+
+def run_build(cfg: BuildConfig, *, force: bool = False, dry_run: bool = False,
+              log: Log = print, fail_after: Optional[str] = None) -> BuildResult:
+    """Run (or with ``dry_run`` only plan) the build of ``cfg``; see the module docstring.
+
+    ``force`` rebuilds every stage. ``fail_after`` (tests) raises right after that stage's
+    outputs are written, before its state is recorded, as a build killed there would.
+    """
+    t_all = time.perf_counter()
+    ctx = _ctx(cfg, log, dry_run)
+    paths = ctx.paths
+    header = (f"build {paths.root}: {ctx.cfg.train.model} on {ctx.cfg.train.data} for "
+              f"{ctx.profile.name} ({ctx.profile.arch}"
+              + ("; this machine" if ctx.is_host else
+                 "; not this machine: device latency ESTIMATED, measured numbers from a host "
+                 "bundle") + ")")
+    log(header)
+    if not dry_run:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        _cleanup_stale(paths.root)
+        from runtime.atomic import atomic_write_text
+
+        atomic_write_text(paths.build_toml, ctx.cfg.to_toml(
+            "Effective config of `pipeline build` (defaults < --config file < options).\n"
+            f"Rebuild with: pipeline build --config {paths.build_toml}"))
+        ctx.state["device"] = ctx.profile.name
+    stages_state = ctx.state.setdefault("stages", {})
+    upstream_changed: Optional[str] = None
+    for i, name in enumerate(STAGES, 1):
+        inputs_fn, run_fn, ok_fn = _STAGE_FNS[name]
+        prev = stages_state.get(name) or {}
+        t0 = time.perf_counter()
+        if name == "train" and ctx.cfg.build.checkpoint:
+            ins = inputs_fn(ctx)
+            ctx.outputs[name] = {"checkpoint": ins["checkpoint"], "sha256": ins["sha256"]}
+            ctx.records[name] = StageRecord(name, "external", 0.0,
+                                            f"--checkpoint {ctx.cfg.build.checkpoint}")
+            log(f"[{i}/{len(STAGES)}] train: skipped, using checkpoint {ctx.cfg.build.checkpoint}")
+            continue
+        if dry_run and upstream_changed:
+            ctx.records[name] = StageRecord(name, "build", 0.0, f"after {upstream_changed}")
+            continue
+        ins = inputs_fn(ctx)
+        h = content_hash(ins)
+        why = ""
+        reuse = False
+        if force:
+            why = "--force"
+        elif not prev:
+            why = "no previous build"
+        elif prev.get("input_hash") != h:
+            why = "inputs changed"
+        elif not ok_fn(ctx, prev.get("outputs") or {}):
+            why = "outputs missing or modified"
+        else:
+            reuse = True
+        if dry_run:
+            if reuse:
+                ctx.outputs[name] = prev["outputs"]
+                ctx.records[name] = StageRecord(name, "reuse", 0.0, "inputs unchanged",
+                                                prev.get("seconds"))
+            else:
+                ctx.records[name] = StageRecord(name, "build", 0.0, why)
+                upstream_changed = name
+            continue
+        if reuse:
+            ctx.outputs[name] = prev["outputs"]
+            ctx.records[name] = StageRecord(name, "reused", time.perf_counter() - t0,
+                                            "inputs unchanged", prev.get("seconds"))
+            log(f"[{i}/{len(STAGES)}] {name}: reused ({_DESCRIPTIONS[name]}; inputs unchanged)")
+            continue
+        log(f"[{i}/{len(STAGES)}] {name}: {_DESCRIPTIONS[name]} ({why})")
+        stages_state.pop(name, None)  # a half-done stage must never look complete
+        for later in STAGES[i:]:
+            stages_state.pop(later, None)
+        _save_state(paths.state, ctx.state)
+        try:
+            outputs = run_fn(ctx, h)
+        except BaseException:
+            ctx.records[name] = StageRecord(name, "failed", time.perf_counter() - t0, why)
+            raise
+        seconds = time.perf_counter() - t0
+        if fail_after == name:
+            raise KeyboardInterrupt(f"simulated interruption after the {name} stage")
+        ctx.outputs[name] = outputs
+        ctx.records[name] = StageRecord(name, "built", seconds, why, seconds)
+        stages_state[name] = {"input_hash": h, "outputs": _json_safe(outputs),
+                              "seconds": round(seconds, 3),
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _save_state(paths.state, ctx.state)
+        log(f"      {name} built in {seconds:.1f} s")
+    report = None
+    if not dry_run and paths.report_json.is_file():
+        report = json.loads(paths.report_json.read_text())
+    return BuildResult(root=paths.root, device=ctx.profile.name,
+                       stages=[ctx.records[s] for s in STAGES], dry_run=dry_run, report=report,
+                       seconds=time.perf_counter() - t_all)
