@@ -2,7 +2,9 @@
 
 This module turns timing samples (from :mod:`devices.profiler`) and roofline estimates
 (:mod:`devices.estimate`) into :class:`runtime.manifest.LatencyEntry` records, writes them
-into a bundle's manifest, and reads them back::
+into a bundle's manifest, and reads them back (the readers ``cumulative_table``,
+``segment_costs_ms``, ``latency_groups`` and ``STATS`` live in :mod:`runtime.latency`, the one
+implementation the runtime uses too, and are re-exported here)::
 
     from devices.latency import estimate_bundle, write_latency, segment_costs_ms
 
@@ -18,10 +20,9 @@ Rules kept here (and by ``Manifest.replace_latency``):
 * a measured entry is only written under a profile of the architecture it was measured on,
   and only while the artifact it measured is still the one in the bundle.
 
-Imports: module level is stdlib + ``runtime.manifest`` / ``runtime.bundle`` only (no numpy),
-so on-device code may import it; the estimate helpers import ``devices.estimate`` /
-``devices.registry`` (stdlib too) lazily.  ``segment_costs_ms`` and the functions it uses
-depend on ``runtime.manifest`` alone and could move to ``runtime/`` verbatim.
+Imports: module level is stdlib + ``runtime.manifest`` / ``runtime.bundle`` /
+``runtime.latency`` only (no numpy), so on-device code may import it; the estimate helpers
+import ``devices.estimate`` / ``devices.registry`` (stdlib too) lazily.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from runtime.manifest import (DYNAMIC_DIM, MANIFEST_NAME, LatencyEntry, Manifest, Piece,
                               TensorSpec, save_manifest, utc_now_iso)
+# the canonical latency-table readers, re-exported (see runtime/latency.py)
+from runtime.latency import (STATS, check_stat, cumulative_table, latency_groups,
+                             segment_costs_ms, select_group)
 
 __all__ = [
     "STATS",
@@ -54,8 +58,6 @@ __all__ = [
     "side_by_side_text",
 ]
 
-#: Statistics a latency entry carries, as accepted by ``stat=`` arguments.
-STATS = ("p50", "p90", "p95", "p99", "mean")
 #: Target recorded for estimates of a backend the bundle has no artifact of (for this device).
 ROOFLINE_TARGET = "roofline"
 
@@ -115,9 +117,7 @@ class Stats:
     p95_rse: float  # relative standard error of p95 (see p95_relative_se)
 
     def get(self, stat: str) -> float:
-        if stat not in STATS:
-            raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
-        return float(getattr(self, stat))
+        return float(getattr(self, check_stat(stat)))
 
     def entry_fields(self) -> dict[str, float]:
         """The p50_ms..mean_ms keyword arguments of a LatencyEntry."""
@@ -357,99 +357,6 @@ def write_latency(bundle_dir: os.PathLike | str, entries: Iterable[LatencyEntry]
 
 
 # ----------------------------------------------------------------------------------------
-# reading (runtime.manifest only from here on)
-# ----------------------------------------------------------------------------------------
-
-def latency_groups(manifest: Manifest) -> list[tuple[str, str, int, str]]:
-    """(device, backend, batch, kind) of every latency group, in table order."""
-    seen: dict[tuple, str] = {}
-    for e in manifest.latency:
-        seen.setdefault(e.group, e.kind)
-    return [(d, b, n, k) for (d, b, n), k in seen.items()]
-
-
-def _group_target(manifest: Manifest, device: str, backend: str, batch: int,
-                  target: Optional[str]) -> tuple[list[LatencyEntry], str]:
-    group = manifest.latency_group(device, backend, batch)
-    if not group:
-        have = ", ".join(f"{d}/{b}/batch {n} ({k})" for d, b, n, k in latency_groups(manifest))
-        raise LookupError(f"no latency table for device {device!r}, backend {backend!r}, "
-                          f"batch {batch} (tables: {have or 'none'})")
-    targets = sorted({e.target for e in group})
-    if target is None:
-        if len(targets) > 1:
-            raise LookupError(f"latency table {device}/{backend}/batch {batch} has several "
-                              f"targets ({', '.join(targets)}); pass target=")
-        target = targets[0]
-    elif target not in targets:
-        raise LookupError(f"latency table {device}/{backend}/batch {batch} has no target "
-                          f"{target!r} (has: {', '.join(targets)})")
-    return [e for e in group if e.target == target], target
-
-
-def cumulative_table(manifest: Manifest, device: str, backend: str, batch: int = 1, *,
-                     target: Optional[str] = None,
-                     stats: Sequence[str] = STATS) -> dict[str, list[dict[str, float]]]:
-    """``{skip_config: [ {stat: ms} per exit ]}`` for one latency group.
-
-    Uses the cumulative (exit, skip_config) entries; an exit without one falls back to the
-    sum of its pieces' entries over segments 0..k (sums of percentiles: an approximation).
-    Raises LookupError when neither is available.
-    """
-    for s in stats:
-        if s not in STATS:
-            raise ValueError(f"stat must be one of {', '.join(STATS)}, got {s!r}")
-    group, _ = _group_target(manifest, device, backend, batch, target)
-    cum = {(e.skip_config, e.exit): e for e in group if e.exit is not None}
-    pieces = {e.piece: e for e in group if e.piece is not None}
-    out: dict[str, list[dict[str, float]]] = {}
-    for cfg in manifest.skip_configs:
-        rows: list[dict[str, float]] = []
-        running = {s: 0.0 for s in stats}
-        for k, seg in enumerate(manifest.execution[cfg]):
-            missing = [pid for pid in seg if pid not in pieces]
-            if not missing:
-                for s in stats:
-                    running[s] += sum(getattr(pieces[pid], f"{s}_ms") for pid in seg)
-            e = cum.get((cfg, k))
-            if e is not None:
-                rows.append({s: float(getattr(e, f"{s}_ms")) for s in stats})
-            elif not missing:
-                rows.append(dict(running))
-            else:
-                raise LookupError(f"latency table {device}/{backend}/batch {batch} has neither "
-                                  f"exit {k} of {cfg!r} nor piece(s) {', '.join(missing)}")
-        out[cfg] = rows
-    return out
-
-
-def segment_costs_ms(manifest: Manifest, device: str, backend: str, skip_config: str,
-                     batch: int = 1, stat: str = "p50", *,
-                     target: Optional[str] = None) -> list[float]:
-    """Incremental cost of each segment (exit k-1 -> exit k) under ``skip_config``, in ms.
-
-    ``cost[k] = cum[k] - cum[k-1]`` from the group's cumulative table (``stat`` of each
-    cumulative entry; measured tables include the runtime's own per-segment overhead),
-    clamped at 0; ``sum(cost[:k+1])`` is the cumulative ``stat`` to exit k. A (device,
-    backend, batch) group is either measured or estimated as a whole; whichever this
-    bundle holds is used (``manifest.latency_kind(device, backend, batch)`` says which;
-    profiling on the device replaces estimates, so measured wins whenever it exists).
-    Raises LookupError if there is no table, ValueError for a bad ``stat``/config.
-    """
-    if stat not in STATS:
-        raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
-    if skip_config not in manifest.execution:
-        raise ValueError(f"unknown skip config {skip_config!r} (bundle has: "
-                         f"{', '.join(manifest.skip_configs)})")
-    table = cumulative_table(manifest, device, backend, batch, target=target, stats=(stat,))
-    costs, prev = [], 0.0
-    for row in table[skip_config]:
-        costs.append(max(0.0, row[stat] - prev))
-        prev = max(prev, row[stat])
-    return costs
-
-
-# ----------------------------------------------------------------------------------------
 # text tables
 # ----------------------------------------------------------------------------------------
 
@@ -477,14 +384,14 @@ def _kind_label(kind: str) -> str:
 def group_text(manifest: Manifest, device: str, backend: str, batch: int = 1, *,
                target: Optional[str] = None) -> str:
     """A latency group of the manifest as text: pieces, then cumulative per exit."""
-    group, target = _group_target(manifest, device, backend, batch, target)
-    kind = group[0].kind
+    group = select_group(manifest, device, backend, batch, target=target)
+    kind, target = group.kind, group.target
     out = [f"{_kind_label(kind)} latency  {manifest.model.name}  device {device}  "
            f"backend {backend} ({target})  batch {batch}"]
     # an estimate is one number (every percentile field holds it): show it once
     stats = STATS if kind == "measured" else ("p50",)
     heads = [f"{s} ms" for s in stats] if kind == "measured" else ["estimate ms"]
-    pieces = [e for e in group if e.piece is not None]
+    pieces = [e for e in group.entries if e.piece is not None]
     if pieces:
         rows = [[e.piece, *(_fmt_ms(getattr(e, f"{s}_ms")) for s in stats)] for e in pieces]
         out.append(_render(rows, ["piece", *heads]))

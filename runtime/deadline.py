@@ -3,7 +3,8 @@
 * :class:`Deadline` - one call's budget, measured on an injectable clock (seconds, monotonic;
   ``time.perf_counter`` by default; :class:`FakeClock` in tests).
 * :class:`LatencyTable` - a read-only view of the bundle's latency table for one
-  (device, backend[, target]): per-segment and full-depth percentiles per skip config and batch.
+  (device, backend[, target]): per-segment and full-depth percentiles per skip config and batch
+  (lookups and sums via :mod:`runtime.latency`, the one reader of the table).
 * :class:`OnlineLatency` - thread-safe recent segment timings measured while predicting
   (measure-as-you-go when the bundle has no table).
 * :class:`LatencyModel` - what the runtime asks: "how long will segment k of config c take at
@@ -20,13 +21,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .latency import STATS, GroupEntries, check_stat, find_groups, pick_target
+
 __all__ = ["Clock", "FakeClock", "Deadline", "LatencyTable", "OnlineLatency", "LatencyModel",
            "check_budget", "STATS"]
 
 #: A clock returns seconds from an arbitrary origin, monotonic (like ``time.perf_counter``).
 Clock = Callable[[], float]
-#: Statistics a latency entry has (``<stat>_ms`` fields of runtime.manifest.LatencyEntry).
-STATS = ("p50", "p90", "p95", "p99", "mean")
 #: Comparisons with the budget tolerate 1 ns of floating-point noise in clock differences.
 EPS_MS = 1e-6
 
@@ -113,18 +114,16 @@ class LatencyTable:
         self.device = device
         self.backend = backend
         self.target = target
-        self._by_batch: dict[int, dict[tuple, object]] = {}
+        self._by_batch: dict[int, GroupEntries] = {}
         if device is None:
             return
-        groups: dict[int, list] = {}
-        for e in manifest.latency:
-            if e.device == device and e.backend == backend:
-                groups.setdefault(e.batch, []).append(e)
-        for batch, entries in groups.items():
-            targets = sorted({e.target for e in entries})
-            use = target if target in targets else targets[0]
-            self._by_batch[batch] = {(e.piece, e.exit, e.skip_config): e
-                                     for e in entries if e.target == use}
+        found = find_groups(manifest, device=device, backend=backend)
+        targets: dict[int, list[str]] = {}
+        for _, _, t, batch in found:
+            targets.setdefault(batch, []).append(t)
+        for batch, ts in targets.items():
+            use = pick_target(ts, target, strict=False)
+            self._by_batch[batch] = found[(device, backend, use, batch)]
 
     def __bool__(self) -> bool:
         return bool(self._by_batch)
@@ -139,32 +138,25 @@ class LatencyTable:
         if not self._by_batch:
             return None
         group = self._by_batch.get(1) or self._by_batch[min(self._by_batch)]
-        return next(iter(group.values())).kind  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _val(entry, stat: str) -> float:
-        if stat not in STATS:
-            raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
-        return float(getattr(entry, f"{stat}_ms"))
+        return group.kind
 
     def cumulative(self, cfg: str, exit: int, batch: int = 1, stat: str = "p95") -> Optional[float]:
-        e = self._by_batch.get(batch, {}).get((None, exit, cfg))
-        return None if e is None else self._val(e, stat)
+        group = self._by_batch.get(batch)
+        return None if group is None else group.cumulative(cfg, exit, stat)
 
     def segment(self, cfg: str, k: int, batch: int = 1, stat: str = "p95") -> Optional[float]:
         """Segment k of ``cfg``: the larger of (sum of its pieces' entries) and (difference of
-        the cumulative entries of exits k and k-1) -- whichever exist; None if neither."""
+        the cumulative entries of exits k and k-1) -- whichever exist; None if neither.
+
+        Unlike :func:`runtime.latency.segment_costs_ms` (cumulative entries first, pieces as
+        a fallback, costs summing to the cumulative value) this is a conservative per-segment
+        bound for the deadline check.
+        """
         group = self._by_batch.get(batch)
         if not group:
             return None
-        found = []
-        vals = [group.get((pid, None, None)) for pid in self.manifest.execution[cfg][k]]
-        if all(v is not None for v in vals):
-            found.append(sum(self._val(v, stat) for v in vals))
-        hi = self.cumulative(cfg, k, batch, stat)
-        lo = 0.0 if k == 0 else self.cumulative(cfg, k - 1, batch, stat)
-        if hi is not None and lo is not None:
-            found.append(max(0.0, hi - lo))
+        found = [v for v in (group.piece_sum(self.manifest.execution[cfg][k], stat),
+                             group.exit_increment(cfg, k, stat)) if v is not None]
         return max(found) if found else None
 
     def full_depth(self, cfg: str, batch: int = 1, stat: str = "p95") -> Optional[float]:
@@ -210,8 +202,7 @@ class OnlineLatency:
             return list(self._data)
 
     def stat(self, key: tuple, stat: str = "p95") -> Optional[float]:
-        if stat not in STATS:
-            raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
+        check_stat(stat)
         with self._lock:
             if (key, stat) in self._cache:
                 return self._cache[(key, stat)]

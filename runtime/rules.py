@@ -34,6 +34,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 import numpy as np
 
 from .exits import normalised_entropy, top2_margin, top_prob
+from .latency import STATS, find_groups, piece_sums
 
 __all__ = [
     "StopContext",
@@ -62,7 +63,8 @@ STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "confidence": _confidence,  # 1 - normalised entropy
 }
 
-LATENCY_STATS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms")
+#: ``stat=`` of :meth:`StopContext.from_manifest`: a LatencyEntry field name.
+LATENCY_STATS = tuple(f"{s}_ms" for s in STATS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,39 +120,34 @@ class StopContext:
         (``segment_ms[k] = C_k - C_{k-1}``, clipped at 0), else the per-piece entries summed over
         each segment's pieces. ``device``/``backend``/``target`` select the latency group and may
         be omitted when only one matches. ``stat`` is which column to use (default p50).
+        Lookups and sums come from :mod:`runtime.latency` (the one reader of the table).
         """
         if stat not in LATENCY_STATS:
             raise ValueError(f"stat: expected one of {', '.join(LATENCY_STATS)}, got {stat!r}")
         if skip_config not in manifest.execution:
             raise ValueError(f"skip_config {skip_config!r} is not in the manifest "
                              f"(known: {', '.join(manifest.execution)})")
-        rows = [e for e in manifest.latency
-                if e.batch == batch and (device is None or e.device == device)
-                and (backend is None or e.backend == backend)
-                and (target is None or e.target == target)]
-        groups = sorted({(e.device, e.backend, e.target) for e in rows})
+        found = find_groups(manifest, device=device, backend=backend, target=target, batch=batch)
+        groups = sorted((d, b, t) for d, b, t, _ in found)
         if not groups:
             raise ValueError(f"no latency entries for device={device!r} backend={backend!r} "
                              f"target={target!r} batch={batch} in the manifest")
         if len(groups) > 1:
             raise ValueError("several latency groups match; pass device/backend/target to pick "
                              "one of: " + ", ".join("/".join(g) for g in groups))
+        group = next(iter(found.values()))
+        stat = stat[:-len("_ms")]
         S = manifest.stages
-        by_exit = {e.exit: float(getattr(e, stat)) for e in rows
-                   if e.exit is not None and e.skip_config == skip_config}
-        if all(k in by_exit for k in range(S)):
-            cum = [by_exit[k] for k in range(S)]
-            seg = [max(0.0, cum[k] - (cum[k - 1] if k else 0.0)) for k in range(S)]
-            return cls(segment_ms=seg, skip_config=skip_config)
-        by_piece = {e.piece: float(getattr(e, stat)) for e in rows if e.piece is not None}
-        plan = manifest.execution[skip_config]
-        missing = [pid for segment in plan for pid in segment if pid not in by_piece]
-        if missing:
-            raise ValueError(f"latency table of {'/'.join(groups[0])} has neither all {S} exits "
-                             f"of {skip_config!r} nor every piece (missing pieces: "
-                             f"{', '.join(missing)})")
-        return cls(segment_ms=[sum(by_piece[pid] for pid in segment) for segment in plan],
-                   skip_config=skip_config)
+        seg = [group.exit_increment(skip_config, k, stat) for k in range(S)]
+        if None in seg:
+            plan = manifest.execution[skip_config]
+            seg = piece_sums(group, plan, stat)
+            if None in seg:
+                missing = [pid for segment in plan for pid in group.missing(segment)]
+                raise ValueError(f"latency table of {'/'.join(groups[0])} has neither all {S} "
+                                 f"exits of {skip_config!r} nor every piece (missing pieces: "
+                                 f"{', '.join(missing)})")
+        return cls(segment_ms=seg, skip_config=skip_config)
 
 
 # ------------------------------------------------------------------------------------------------
