@@ -14,13 +14,13 @@ from train.trainer import Trainer
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
     base = dict(model="resnet20_adn", data="digits", epochs=2, batch_size=64, eval_batch_size=512,
-                lr=0.05, warmup_epochs=0.2, out=str(tmp_path / "run"), threads=1)
+                lr=3e-3, warmup_epochs=0.2, out=str(tmp_path / "run"), threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_steps_on_fashion_mnist_lower_the_loss(tmp_path):
-    cfg = _cfg(tmp_path, data="fashion-mnist", epochs=1, batch_size=64, max_steps=30, lr=0.05,
+    cfg = _cfg(tmp_path, data="fashion-mnist", epochs=1, batch_size=64, max_steps=30, lr=3e-3,
                warmup_epochs=0, depth_lambda=0.1)
     trainer = Trainer(cfg, log=lambda _m: None)
     images, labels = trainer.data.train.get_batch(torch.arange(256))

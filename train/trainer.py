@@ -231,7 +231,9 @@ class Trainer:
                  f"on {self.data.name} {self.data.img_size}px: {len(self.data.train)} train / "
                  f"{len(self.data.val)} val / {len(self.data.test)} test, {self.ctx.world_size} process(es)")
         while self.epoch < cfg.epochs:
-            stats = self.train_epoch()
+            # A run killed between its epoch's last step and the epoch's end resumes with nothing
+            # left to train in that epoch: only the validation and bookkeeping remain.
+            stats = self.train_epoch() if self.step_in_epoch < self.steps_per_epoch else {}
             stopped_early = bool(cfg.max_steps and self.global_step >= cfg.max_steps
                                  and self.step_in_epoch < self.steps_per_epoch)
             if not stopped_early:
@@ -242,9 +244,11 @@ class Trainer:
                           "lr": self.scheduler.get_last_lr()[0], **stats, **self.validate()}
                 with open(self.out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(record) + "\n")
-                self.log(f"epoch {self.epoch}: loss {stats['loss']:.4f}  train acc {stats['train_acc']:.4f}  "
-                         f"val super {record['val_super'][-1]:.4f}  val base {record['val_base'][-1]:.4f}  "
-                         f"({stats['epoch_seconds']:.0f} s, {stats['images_per_second']:.0f} img/s)")
+                trained = (f"loss {stats['loss']:.4f}  train acc {stats['train_acc']:.4f}  " if stats else "")
+                timing = (f"  ({stats['epoch_seconds']:.0f} s, {stats['images_per_second']:.0f} img/s)"
+                          if stats else "")
+                self.log(f"epoch {self.epoch}: {trained}val super {record['val_super'][-1]:.4f}  "
+                         f"val base {record['val_base'][-1]:.4f}{timing}")
             self.save()
             barrier(self.ctx)
             if stopped_early:
