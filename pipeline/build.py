@@ -30,6 +30,7 @@ point leaves the previous complete bundle (or none) and the next build completes
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -38,13 +39,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.build_config import BuildConfig, content_hash
 
 __all__ = ["STAGES", "BuildPaths", "StageRecord", "BuildResult", "run_build", "plan_build",
+           "profile_with_threads", "code_hash", "checkpoint_path", "resolve_backends",
            "resolve_device", "device_dir", "data_identity", "BuildError"]
 
 Log = Callable[[str], None]
@@ -274,12 +276,59 @@ def data_identity(data: str, root: Optional[str]) -> dict:
     return ident
 
 
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _batch_model(ctx: "_Ctx", bundle_dir: Path):
+    """The bundle for batched whole-split probabilities: same artifacts, more threads (the
+    predictions do not depend on the thread count)."""
+    from runtime.model import AdaptiveModel
+
+    threads = ctx.cfg.evaluate.batch_threads or usable_cores()
+    return AdaptiveModel.load(bundle_dir, warn=False, runner_options={"intra_op_threads": threads})
+
+
+_HOST_ID: dict = {}
+_CODE: dict[tuple, str] = {}
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def code_hash(*parts: Any) -> str:
+    """sha256 over the source files (``*.py``, ``*.toml``) of repository paths ``parts``
+    (packages or files; a function: its source): a stage is rebuilt when the code that makes its
+    outputs changes. Training is the exception (docs/build.md): its code is not hashed."""
+    import inspect
+
+    key = tuple(p if isinstance(p, str) else f"{p.__module__}.{p.__qualname__}" for p in parts)
+    if key not in _CODE:
+        h = hashlib.sha256()
+        for part in parts:
+            if not isinstance(part, str):
+                h.update(inspect.getsource(part).encode())
+                continue
+            p = _REPO / part
+            files = sorted(p.rglob("*.py")) + sorted(p.rglob("*.toml")) if p.is_dir() else [p]
+            for f in files:
+                if f.is_file() and "__pycache__" not in f.parts:
+                    h.update(f"{f.relative_to(_REPO)}\0".encode())
+                    h.update(f.read_bytes())
+        _CODE[key] = h.hexdigest()
+    return _CODE[key]
+
+
 def _host_identity() -> dict:
     from devices.host import fingerprint
 
+    if _HOST_ID:
+        return dict(_HOST_ID)
     fp = fingerprint()
-    return {k: fp.get(k) for k in ("arch", "cpu_model", "cpu_cores", "usable_cores", "isa",
-                                   "memory_gb", "onnxruntime", "numpy")}
+    _HOST_ID.update({k: fp.get(k) for k in ("arch", "cpu_model", "cpu_cores", "usable_cores",
+                                           "isa", "memory_gb", "onnxruntime", "numpy")})
+    return dict(_HOST_ID)
 
 
 def _cleanup_stale(root: Path) -> None:
@@ -322,7 +371,7 @@ class _Ctx:
             from devices.host import guess_profile
 
             base = self.profile if self.is_host else load_profile(guess_profile())
-            self._host_profile = _with_threads(base, self.cfg.build.threads)
+            self._host_profile = profile_with_threads(base, self.cfg.build.threads)
         return self._host_profile
 
     @property
@@ -334,7 +383,24 @@ class _Ctx:
         return self.host_profile if self.is_host else self.profile
 
 
-def _with_threads(profile, threads: int):
+@contextlib.contextmanager
+def _torch_single_thread():
+    """torch work outside training (export, parity checks, data loading) on one thread: it is
+    small, and on a shared 2-core machine a 2-thread torch pool that loses a core to another
+    process runs 10x slower (export of the default model: 2.5 s vs 23 s measured under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def profile_with_threads(profile, threads: int):
+    """A copy of ``profile`` whose onnxruntime backend uses ``threads`` intra-op threads
+    (0: the profile itself)."""
     if not threads:
         return profile
     p = copy.deepcopy(profile)
@@ -377,21 +443,33 @@ def _train_run(ctx: _Ctx, input_hash: str) -> dict:
     ckpt = paths.train / "model.pt"
     if not ckpt.is_file():
         raise BuildError(f"training wrote no {ckpt}")
-    return {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt),
+    return {"checkpoint": str(ckpt.relative_to(paths.root)), "sha256": sha256_file(ckpt),
             "full_depth_accuracy": summary.get("full_depth_accuracy"),
             "base_accuracy": summary.get("base_accuracy"), "steps": summary.get("steps"),
             "epochs": summary.get("epochs")}
 
 
+def checkpoint_path(ctx: _Ctx, out: Optional[dict] = None) -> Path:
+    """The checkpoint the build exports: --checkpoint (absolute), else train/model.pt."""
+    p = Path((out or ctx.outputs["train"]).get("checkpoint", ""))
+    return p if p.is_absolute() else ctx.paths.root / p
+
+
 def _train_ok(ctx: _Ctx, out: dict) -> bool:
-    p = Path(out.get("checkpoint", ""))
+    p = checkpoint_path(ctx, out)
     return p.is_file() and sha256_file(p) == out.get("sha256")
 
 
 def _export_inputs(ctx: _Ctx) -> dict:
     t = ctx.outputs["train"]
     return {"export": ctx.cfg.section_dict("export"), "checkpoint_sha256": t["sha256"],
-            "data_root": ctx.cfg.train.data_root}
+            "data_root": ctx.cfg.train.data_root,
+            "code": code_hash("export", "train/models", _monolithic_exporter())}
+
+
+def _monolithic_exporter():
+    from pipeline.evaluate import export_monolithic
+    return export_monolithic
 
 
 def _export_run(ctx: _Ctx, input_hash: str) -> dict:
@@ -400,7 +478,7 @@ def _export_run(ctx: _Ctx, input_hash: str) -> dict:
     from runtime.atomic import atomic_directory, atomic_write_json
 
     cfg, paths, log = ctx.cfg, ctx.paths, ctx.log
-    ckpt = Path(ctx.outputs["train"]["checkpoint"])
+    ckpt = checkpoint_path(ctx)
     e = cfg.export
     with atomic_directory(paths.export, overwrite=True) as tmp:
         export_checkpoint(ckpt, tmp / "portable", opset=e.opset, parity_samples=e.parity_samples,
@@ -452,7 +530,8 @@ def resolve_backends(ctx: _Ctx) -> tuple[list[str], dict[str, str]]:
             check_backend(profile, b)
         except BackendUnavailable as exc:
             if not auto:
-                raise ValueError(f"backend {b!r} cannot be compiled for {profile.name}: {exc}") from None
+                raise ValueError(f"backend {b!r} cannot be compiled for {profile.name}: "
+                                 f"{exc}") from None
             skipped[b] = str(exc)
             continue
         chosen.append(b)
@@ -466,7 +545,8 @@ def _compile_inputs(ctx: _Ctx) -> dict:
     backends, _ = resolve_backends(ctx)
     d = {"device_profile": ctx.device_profile_for_compile().to_dict(), "backends": backends,
          "tune_trials": ctx.cfg.build.tune_trials,
-         "portable_manifest": ctx.outputs["export"]["portable_manifest"]}
+         "portable_manifest": ctx.outputs["export"]["portable_manifest"],
+         "code": code_hash("export", "devices")}
     if not ctx.is_host:
         d["host_profile"] = ctx.host_profile.to_dict()
     return d
@@ -512,9 +592,9 @@ def _profile_settings(mode: str):
 
 def _profile_inputs(ctx: _Ctx) -> dict:
     c = ctx.outputs["compile"]
-    return {"profile": ctx.cfg.section_dict("profile"), "compiled": {k: c[k] for k in ("device", "host")
-                                                                      if k in c},
-            "machine": _host_identity()}
+    return {"profile": ctx.cfg.section_dict("profile"),
+            "compiled": {k: c[k] for k in ("device", "host") if k in c},
+            "machine": _host_identity(), "code": code_hash("devices", "runtime")}
 
 
 def _profile_run(ctx: _Ctx, input_hash: str) -> dict:
@@ -558,7 +638,8 @@ def _calibrate_inputs(ctx: _Ctx) -> dict:
     p = ctx.outputs["profile"]
     return {"calibrate": ctx.cfg.section_dict("calibrate"),
             "profiled": {k: p[k] for k in ("device", "host") if k in p},
-            "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root)}
+            "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root),
+            "code": code_hash("runtime", "pipeline/build.py", "pipeline/evaluate.py")}
 
 
 def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
@@ -576,7 +657,7 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
             if (paths.profiled / name).is_dir():
                 shutil.copytree(paths.profiled / name, tmp / name)
         here = tmp / ctx.measured_bundle_dir
-        model = AdaptiveModel.load(here, warn=False)
+        model = _batch_model(ctx, here)
         data_name, ds = dataset_for_bundle(model.manifest, None, cfg.train.data_root)
         x, y = split_arrays(ds.val, c.limit or None)
         if len(y) == 0:
@@ -584,22 +665,25 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
         log(f"calibrate on {data_name} val split ({len(y)} images) with {model.backend} "
             f"({model.target}) on this machine")
         probs = config_probabilities(model, x, batch_size=cfg.evaluate.batch_size, progress=log)
+        del model
+        model = AdaptiveModel.load(here, warn=False, warm=False)
         np.savez_compressed(tmp / "val.npz", labels=y,
                             **{f"p_{cfg_}": p for cfg_, p in probs.items()})
         skip_accuracy = {k: float((p[-1].argmax(axis=1) == y).mean()) for k, p in probs.items()}
-        targets = {"host": here}
+        roles = [("device", tmp / "device", ctx.is_host)]
         if not ctx.is_host:
-            targets["device"] = tmp / "device"
+            roles.append(("host", here, True))
         summary: dict[str, Any] = {"data": data_name, "n": int(len(y)),
                                    "skip_accuracy": skip_accuracy, "bundles": {}}
-        for role, bdir in targets.items():
+        for role, bdir, measured in roles:
             t0 = time.perf_counter()
             rec = _calibrate_bundle(ctx, bdir, probs, y, skip_accuracy, data_name,
-                                    measured=(role == "host"), model=model)
-            summary["bundles"]["device" if (role == "device" or ctx.is_host) else "host"] = rec
-            log(f"calibrate {role if not ctx.is_host else 'bundle'}: {rec['rule']} on {rec['skip_config']} "
-                f"with {rec['costs_kind']} costs ({rec['cost_source']}): val accuracy "
-                f"{100 * rec['val_accuracy']:.2f}% (full depth {100 * rec['full_depth_accuracy']:.2f}%), "
+                                    measured=measured, model=model, same=bdir == here)
+            summary["bundles"][role] = rec
+            log(f"calibrate {role} bundle: {rec['rule']} on {rec['skip_config']} with "
+                f"{rec['costs_kind']} costs ({rec['cost_source']}): val accuracy "
+                f"{100 * rec['val_accuracy']:.2f}% "
+                f"(full depth {100 * rec['full_depth_accuracy']:.2f}%), "
                 f"mean depth {rec['mean_exit']:.2f}/{model.stages}, mean latency "
                 f"{rec['mean_latency_ms']:.3f} ms [{(time.perf_counter() - t0) * 1e3:.0f} ms]")
         atomic_write_json(tmp / "calibration.json", _json_safe(summary))
@@ -621,7 +705,7 @@ def _table_backend(manifest, device: str) -> Optional[str]:
 
 
 def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict, data_name: str,
-                      *, measured: bool, model) -> dict:
+                      *, measured: bool, model, same: bool) -> dict:
     """Fit the configured rule for one bundle with that bundle's own latency table and write
     its stopping record and annotations (the same fields `pipeline calibrate` writes)."""
     from devices.latency import segment_costs_ms
@@ -699,8 +783,9 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
         "risk_delta": c.risk_delta, "full_depth_accuracy": skip_accuracy[full],
         "mean_exit": res.mean_exit, "exit_histogram": res.exit_histogram,
         "requested_rule": c.rule, "created": new.stopping.created,
-        "predictions_from": (f"this machine's {model.backend} artifacts ({model.target}) of the "
-                             "same ONNX pieces" if not measured or not ctx.is_host else "this bundle"),
+        "predictions_from": ("this bundle" if same else
+                             f"this machine's {model.backend} artifacts ({model.target}) of the same "
+                             "ONNX pieces (the host bundle): the same predictions"),
         "skip_config_search": search if len(candidates) > 1 else None,
         "by": "pipeline build",
     })
@@ -727,7 +812,8 @@ def archive_name(ctx: _Ctx, model_name: str) -> str:
 def _package_inputs(ctx: _Ctx) -> dict:
     cal = ctx.outputs["calibrate"]
     return {"calibrated": {k: cal[k] for k in ("device", "host") if k in cal},
-            "archive": ctx.cfg.build.archive}
+            "archive": ctx.cfg.build.archive,
+            "code": code_hash("runtime/archive.py", "runtime/atomic.py")}
 
 
 def _package_run(ctx: _Ctx, input_hash: str) -> dict:
@@ -777,18 +863,17 @@ def _evaluate_inputs(ctx: _Ctx) -> dict:
             "bundles": {k: pk[k] for k in ("device", "host") if k in pk},
             "monolithic": ctx.outputs["export"]["monolithic"],
             "val": ctx.outputs["calibrate"]["val"], "machine": _host_identity(),
-            "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root)}
+            "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root),
+            "code": code_hash("runtime", "devices", "pipeline/build.py", "pipeline/evaluate.py")}
 
 
 def _evaluate_run(ctx: _Ctx, input_hash: str) -> dict:
-    from pipeline import evaluate as ev
     from runtime.atomic import atomic_directory, atomic_write_json
 
     paths = ctx.paths
     results = evaluate_build(ctx)
     with atomic_directory(paths.evaluation, overwrite=True) as tmp:
         atomic_write_json(tmp / "results.json", _json_safe(results))
-    del ev
     return {"results": sha256_file(paths.evaluation / "results.json")}
 
 
@@ -815,9 +900,11 @@ def evaluate_build(ctx: _Ctx) -> dict:
     x, y = split_arrays(ds.test, e.limit or None)
     if len(y) == 0:
         raise BuildError(f"data set {data_name!r} has an empty test split")
-    log(f"evaluate on {data_name} test split ({len(y)} images{'' if not e.limit else ', --eval-limit'})"
+    limited = ", --eval-limit" if e.limit else ""
+    log(f"evaluate on {data_name} test split ({len(y)} images{limited})"
         f" with {model.backend} ({model.target}) on this machine")
-    probs = ev.config_probabilities(model, x, batch_size=e.batch_size, progress=log)
+    probs = ev.config_probabilities(_batch_model(ctx, here), x, batch_size=e.batch_size,
+                                    progress=log)
     host_dev = model.latency_device
     host_backend = model.table.backend
     table = cumulative_table(m, host_dev, host_backend, 1, stats=STATS)
@@ -829,18 +916,22 @@ def evaluate_build(ctx: _Ctx) -> dict:
     p50 = segment_costs_ms(m, host_dev, host_backend, cal_cfg, 1, "p50")
 
     static = ev.static_points(probs, y, m, table, mono_macs)
+    skip_acc = m.annotations.get("skip_accuracy") or {}
+    offset = 100.0 * (skip_acc.get(full, 0.0) - skip_acc.get(cal_cfg, 0.0))
     curves = ev.rule_curves(e.rules, e.max_drops, val_probs, val_y, probs[cal_cfg], y, cal_cfg,
-                            p50, table, m, mono_macs, progress=log)
+                            p50, table, m, mono_macs, drop_offset_points=offset, progress=log)
     rule = rule_from_stopping(m.stopping)
     cum_mean = np.array([r["mean"] for r in table[cal_cfg]])
     cum_p99 = np.array([r["p99"] for r in table[cal_cfg]])
     deployed_exits = (ev.simulate_exits(rule, probs[cal_cfg], p50) if rule is not None
                       else np.full(len(y), S - 1))
-    deployed = ev._point(probs[cal_cfg], y, deployed_exits, cum_mean, cum_p99, m, cal_cfg, mono_macs)
+    deployed = ev.operating_point(probs[cal_cfg], y, deployed_exits, cum_mean, cum_p99, m, cal_cfg,
+                                  mono_macs)
     deployed.update(rule=m.stopping.rule or "full", kind="simulated")
     full_exits = np.full(len(y), S - 1)
-    full_pt = ev._point(probs[full], y, full_exits, np.array([r["mean"] for r in table[full]]),
-                        np.array([r["p99"] for r in table[full]]), m, full, mono_macs)
+    full_pt = ev.operating_point(probs[full], y, full_exits,
+                                 np.array([r["mean"] for r in table[full]]),
+                                 np.array([r["p99"] for r in table[full]]), m, full, mono_macs)
     full_pt.update(rule="full", kind="simulated")
     default_cfg = model.default_skip_config
     budgets = list(e.budgets_ms) or ev.default_budgets(table, default_cfg)
@@ -848,7 +939,6 @@ def evaluate_build(ctx: _Ctx) -> dict:
     headline_budget = e.headline_budget_ms or budgets[len(budgets) // 2]
 
     mono = ev.MonolithicSession.like(model, paths.monolithic)
-    mono_acc = mono.accuracy(x, y, e.batch_size)
     n_meas = min(len(y), e.measure_limit or len(y))
     log(f"measure at batch 1, interleaved: monolithic ONNX Runtime session, segmented full depth, "
         f"adaptive ({m.stopping.rule or 'full'}), budget {headline_budget:g} ms; {n_meas} images "
@@ -857,6 +947,10 @@ def evaluate_build(ctx: _Ctx) -> dict:
     headline = ev.measure_headline(model, mono, x[:n_meas], y[:n_meas], full_config=full,
                                    budget_ms=headline_budget, mono_macs=mono_macs,
                                    warmup=e.warmup, progress=log)
+    if n_meas == len(y):
+        mono_acc = headline["variants"]["monolithic"]["accuracy"]
+    else:
+        mono_acc = mono.accuracy(x, y, e.batch_size)
     from devices.host import fingerprint
 
     fp = fingerprint()
@@ -910,8 +1004,8 @@ def _device_estimate(ctx: _Ctx, probs: dict, y, mono_macs: int) -> dict:
         exits = ev.simulate_exits(rule, probs[cfg_], p50) if rule is not None \
             else np.full(len(y), S - 1)
         cum = np.array([r["mean"] for r in table[cfg_]])
-        pt = ev._point(probs[cfg_], y, exits, cum, np.array([r["p99"] for r in table[cfg_]]), m,
-                       cfg_, mono_macs)
+        pt = ev.operating_point(probs[cfg_], y, exits, cum,
+                                np.array([r["p99"] for r in table[cfg_]]), m, cfg_, mono_macs)
         pt["full_depth_latency_ms"] = float(table["F" * S][-1]["mean"])
         pt["speedup_vs_full_depth"] = pt["full_depth_latency_ms"] / max(pt["mean_latency_ms"], 1e-12)
         pt["cumulative_ms"] = {c: [r["mean"] for r in rows] for c, rows in table.items()}
@@ -932,7 +1026,8 @@ def _report_inputs(ctx: _Ctx) -> dict:
     return {"results": ctx.outputs["evaluate"]["results"],
             "acceptance": ctx.cfg.section_dict("acceptance"),
             "package": {k: v for k, v in ctx.outputs["package"].items()},
-            "config": content_hash(ctx.cfg.to_dict())}
+            "config": content_hash(ctx.cfg.to_dict()),
+            "code": code_hash("pipeline/report.py", "pipeline/report_plots.py", "devices/plots.py")}
 
 
 def _report_run(ctx: _Ctx, input_hash: str) -> dict:
@@ -1011,7 +1106,11 @@ def _effective_config(cfg: BuildConfig, paths: BuildPaths, log: Log) -> BuildCon
 
 def _ctx(cfg: BuildConfig, log: Log, dry_run: bool) -> _Ctx:
     ctx = _Ctx(cfg, log, dry_run=dry_run)
-    ctx.cfg = _effective_config(cfg, ctx.paths, log)
+    eff = _effective_config(cfg, ctx.paths, log)
+    if not eff.build.device.lower().endswith(".toml"):  # aliases: record the profile's name
+        eff = dataclasses.replace(eff, build=dataclasses.replace(eff.build,
+                                                                 device=ctx.profile.name))
+    ctx.cfg = eff
     return ctx
 
 
@@ -1059,7 +1158,8 @@ def run_build(cfg: BuildConfig, *, force: bool = False, dry_run: bool = False,
             log(f"[{i}/{len(STAGES)}] train: skipped, using checkpoint {ctx.cfg.build.checkpoint}")
             continue
         if dry_run and upstream_changed:
-            ctx.records[name] = StageRecord(name, "build", 0.0, f"after {upstream_changed}")
+            ctx.records[name] = StageRecord(name, "build", 0.0,
+                                            f"after {upstream_changed} (its outputs change)")
             continue
         ins = inputs_fn(ctx)
         h = content_hash(ins)
@@ -1092,11 +1192,13 @@ def run_build(cfg: BuildConfig, *, force: bool = False, dry_run: bool = False,
             continue
         log(f"[{i}/{len(STAGES)}] {name}: {_DESCRIPTIONS[name]} ({why})")
         stages_state.pop(name, None)  # a half-done stage must never look complete
-        for later in STAGES[i:]:
-            stages_state.pop(later, None)
         _save_state(paths.state, ctx.state)
         try:
-            outputs = run_fn(ctx, h)
+            if name == "train":
+                outputs = run_fn(ctx, h)
+            else:
+                with _torch_single_thread():
+                    outputs = run_fn(ctx, h)
         except BaseException:
             ctx.records[name] = StageRecord(name, "failed", time.perf_counter() - t0, why)
             raise

@@ -59,7 +59,8 @@ class BuildSection:
     backends: Any = "auto"            # "auto" or a list of onnxruntime / tvm / tensorrt
     tune_trials: int = 0              # TVM MetaSchedule trials per piece (0: untuned)
     archive: bool = True              # also write <out>/<device>/bundle.tar.gz
-    threads: int = 0                  # ONNX Runtime intra-op threads on this host (0: profile's)
+    threads: int = 1                  # ONNX Runtime intra-op threads of the bundle run on this
+                                      # host (0: the profile's, all usable cores); see docs/build.md
 
     def validate(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -74,7 +75,8 @@ class BuildSection:
                 self.backends = parts
         if not isinstance(self.backends, str):
             if not isinstance(self.backends, (list, tuple)) or not self.backends:
-                _fail("[build].backends", f"expected \"auto\" or a non-empty list, got {self.backends!r}")
+                _fail("[build].backends",
+                      f"expected \"auto\" or a non-empty list, got {self.backends!r}")
             bad = [b for b in self.backends if b not in BACKENDS]
             if bad:
                 _fail("[build].backends", f"unknown backend(s) {', '.join(map(str, bad))}; known: "
@@ -132,7 +134,8 @@ class CalibrateSection:
     max_drop: float = 0.5             # accuracy points vs full depth
     mean_budget_ms: Optional[float] = None  # target mean latency instead of max_drop
     risk_delta: Optional[float] = None      # risk-controlled fit (P(drop <= max_drop) >= 1-delta)
-    skip_config: str = "full"         # "full" (FF..F), "auto" (fastest that meets the target) or e.g. "FTF"
+    skip_config: str = "auto"         # "auto": the fastest configuration that meets the target;
+                                      # "full" (FF..F); or one, e.g. "FTF"
     limit: int = 0                    # validation images (0: all)
 
     def validate(self) -> None:
@@ -141,7 +144,8 @@ class CalibrateSection:
         if self.rule not in RULES:
             _fail("[calibrate].rule", f"unknown rule {self.rule!r}; known: {', '.join(RULES)}")
         if not _is_num(self.max_drop) or not 0 <= float(self.max_drop) <= 100:
-            _fail("[calibrate].max_drop", f"expected accuracy points in [0, 100], got {self.max_drop!r}")
+            _fail("[calibrate].max_drop",
+                  f"expected accuracy points in [0, 100], got {self.max_drop!r}")
         if self.mean_budget_ms is not None and (not _is_num(self.mean_budget_ms)
                                                 or float(self.mean_budget_ms) <= 0):
             _fail("[calibrate].mean_budget_ms", f"expected a number > 0, got {self.mean_budget_ms!r}")
@@ -167,12 +171,13 @@ class EvaluateSection:
     budgets_ms: list = field(default_factory=list)  # empty: 3 between first-exit and full-depth p95
     headline_budget_ms: Optional[float] = None      # measured budget (default: the middle budget)
     batch_size: int = 256             # batch for the per-exit probabilities
+    batch_threads: int = 1            # ONNX Runtime threads for those batches (0: usable cores)
     warmup: int = 50                  # untimed batch-1 calls of each measured variant first
 
     def validate(self) -> None:
         from runtime.rules import RULES
 
-        for name in ("limit", "measure_limit", "warmup"):
+        for name in ("limit", "measure_limit", "warmup", "batch_threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 _fail(f"[evaluate].{name}", f"expected an integer >= 0, got {v!r}")
@@ -280,7 +285,8 @@ class BuildConfig:
     def to_toml(self, header: str = "") -> str:
         text = dump_toml(self.to_dict())
         if header:
-            text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + "\n" + text
+            comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+            text = comment + "\n" + text
         return text
 
     def replace(self, **sections: Any) -> "BuildConfig":

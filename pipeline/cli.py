@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.build_cmd import build
 from pipeline.devices_cli import devices
 from pipeline.errors import PipelineGroup
 from pipeline.export_cmd import compile_cmd, engines_cmd, export_cmd
@@ -32,6 +33,7 @@ cli.add_command(devices)
 cli.add_command(predict_cmd)
 cli.add_command(run_cmd)
 cli.add_command(calibrate_cmd)
+cli.add_command(build)
 
 
 def main() -> None:

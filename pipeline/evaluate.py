@@ -30,7 +30,7 @@ Progress = Optional[Callable[[str], None]]
 
 __all__ = ["config_probabilities", "export_monolithic", "MonolithicSession", "latency_stats",
            "static_points", "rule_curves", "budget_points", "default_budgets", "measure_headline",
-           "macs_fraction", "simulate_exits"]
+           "macs_fraction", "simulate_exits", "operating_point"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +252,10 @@ def simulate_exits(rule, probs: np.ndarray, segment_ms: Sequence[float]) -> np.n
     return first_exit_where(rule.stop_matrix(probs, StopContext(segment_ms=list(segment_ms))))
 
 
-def _point(probs: np.ndarray, y: np.ndarray, exits: np.ndarray, cum_mean: np.ndarray,
-           cum_p99: np.ndarray, manifest, cfg: str, mono_macs: int) -> dict[str, Any]:
+def operating_point(probs: np.ndarray, y: np.ndarray, exits: np.ndarray, cum_mean: np.ndarray,
+                    cum_p99: np.ndarray, manifest, cfg: str, mono_macs: int) -> dict[str, Any]:
+    """Accuracy, latency (mean of the cumulative mean latency to the exit taken; p99 of the
+    cumulative p99s), depth, exit histogram and MACs fraction of given per-sample exits."""
     n = len(y)
     pred = probs[exits, np.arange(n)].argmax(axis=1)
     lat = cum_mean[exits]
@@ -293,9 +295,15 @@ def static_points(probs_by_cfg: dict[str, np.ndarray], y: np.ndarray, manifest, 
 def rule_curves(rules: Sequence[str], max_drops: Sequence[float], val_probs: np.ndarray,
                 val_y: np.ndarray, test_probs: np.ndarray, test_y: np.ndarray, cfg: str,
                 segment_p50: Sequence[float], table: dict, manifest, mono_macs: int, *,
+                drop_offset_points: float = 0.0,
                 progress: Progress = None) -> list[dict[str, Any]]:
     """Each rule calibrated on the validation probabilities at each ``max_drop`` target (with
-    the same costs the runtime uses), then simulated on the test probabilities."""
+    the same costs the runtime uses), then simulated on the test probabilities.
+
+    ``max_drop`` is relative to the reference full depth (FF..F); ``drop_offset_points`` is how
+    many validation points ``cfg``'s own full depth is below it, so the rule gets
+    ``max_drop - offset`` points of room (targets with no room are left out), as the build's
+    calibration does."""
     from runtime.calibration import calibrate
     from runtime.rules import make_rule
 
@@ -304,11 +312,16 @@ def rule_curves(rules: Sequence[str], max_drops: Sequence[float], val_probs: np.
     t0 = time.perf_counter()
     for rule_name in rules:
         for d in max_drops:
-            res = calibrate(rule_name, val_probs, val_y, list(segment_p50), max_drop=float(d))
+            room = float(d) - float(drop_offset_points)
+            if room < 0:
+                continue
+            res = calibrate(rule_name, val_probs, val_y, list(segment_p50), max_drop=room)
             rule = make_rule(res.rule_name, res.params)
             exits = simulate_exits(rule, test_probs, segment_p50)
-            pt = _point(test_probs, test_y, exits, cum_mean, cum_p99, manifest, cfg, mono_macs)
+            pt = operating_point(test_probs, test_y, exits, cum_mean, cum_p99, manifest, cfg,
+                                 mono_macs)
             pt.update(rule=rule_name, fitted_rule=res.rule_name, max_drop=float(d),
+                      room_points=room,
                       val_accuracy=res.val_accuracy, val_full_depth_accuracy=res.full_depth_accuracy,
                       params=res.params, kind="simulated")
             out.append(pt)
@@ -360,7 +373,7 @@ def budget_points(model, budgets: Sequence[float], probs_by_cfg: dict[str, np.nd
         else:
             exits = simulate_exits(rule, probs, model.segment_costs_ms(cfg))
         exits = np.minimum(exits, cap)
-        pt = _point(probs, y, exits, cum_mean, cum_p99, m, cfg, mono_macs)
+        pt = operating_point(probs, y, exits, cum_mean, cum_p99, m, cfg, mono_macs)
         pt.update(budget_ms=float(b), deepest_exit_allowed=int(cap), kind="simulated",
                   rule=model.rule_name or "full")
         out.append(pt)
