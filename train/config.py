@@ -46,7 +46,7 @@ class TrainConfig:
     exit_weights: list[float] | None = None
 
     # L_depth (optimal-stopping regulariser); depth_lambda = 0 disables it.
-    depth_lambda: float = 0.0
+    depth_lambda: float = 0.5
     depth_halting: str = "confidence"  # confidence | learned
     depth_tau: float = 0.8
     depth_temperature: float = 0.05
