@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_left, insort
 from collections import deque
 from typing import Callable, Optional
 
@@ -115,6 +116,10 @@ class LatencyTable:
         self.backend = backend
         self.target = target
         self._by_batch: dict[int, GroupEntries] = {}
+        # the table never changes once built: lookups are cached (the deadline check asks for
+        # the same segments on every call)
+        self._segment_cache: dict[tuple, Optional[float]] = {}
+        self._full_cache: dict[tuple, Optional[float]] = {}
         if device is None:
             return
         found = find_groups(manifest, device=device, backend=backend)
@@ -152,45 +157,75 @@ class LatencyTable:
         a fallback, costs summing to the cumulative value) this is a conservative per-segment
         bound for the deadline check.
         """
+        key = (cfg, k, batch, stat)
+        try:
+            return self._segment_cache[key]
+        except KeyError:
+            pass
         group = self._by_batch.get(batch)
         if not group:
             return None
         found = [v for v in (group.piece_sum(self.manifest.execution[cfg][k], stat),
                              group.exit_increment(cfg, k, stat)) if v is not None]
-        return max(found) if found else None
+        v = max(found) if found else None
+        self._segment_cache[key] = v
+        return v
 
     def full_depth(self, cfg: str, batch: int = 1, stat: str = "p95") -> Optional[float]:
+        key = (cfg, batch, stat)
+        try:
+            return self._full_cache[key]
+        except KeyError:
+            pass
         last = self.manifest.stages - 1
         v = self.cumulative(cfg, last, batch, stat)
-        if v is not None:
-            return v
-        segs = [self.segment(cfg, k, batch, stat) for k in range(last + 1)]
-        return None if any(s is None for s in segs) else float(sum(segs))  # type: ignore[arg-type]
+        if v is None:
+            segs = [self.segment(cfg, k, batch, stat) for k in range(last + 1)]
+            v = None if any(s is None for s in segs) else float(sum(segs))  # type: ignore[arg-type]
+        self._full_cache[key] = v
+        return v
 
 
 class OnlineLatency:
     """Recent durations (ms) per key, thread-safe; quantiles over the last ``window`` values.
 
     With fewer than ``min_samples`` values a quantile is the maximum seen (conservative).
+    Each key keeps its window twice: in arrival order (to drop the oldest) and sorted, so a
+    percentile is read in O(1) under the lock (numpy's default 'linear' interpolation, same
+    values as ``np.percentile``) and a record costs O(window) memmove, not a sort: the
+    deadline check and the stopping context ask for these on every call.
     """
 
     def __init__(self, window: int = 256, min_samples: int = 5) -> None:
         self.window = int(window)
         self.min_samples = int(min_samples)
         self._data: dict[tuple, deque] = {}
-        self._cache: dict[tuple, Optional[float]] = {}
+        self._sorted: dict[tuple, list[float]] = {}
         self._lock = threading.Lock()
         self.version = 0  # bumped on every record (lets callers cache derived figures)
 
     def record(self, key: tuple, ms: float) -> None:
+        self.record_many(((key, ms),))
+
+    def record_many(self, items) -> None:
+        """Record several ``(key, ms)`` at once (one lock acquisition), in order."""
+        values = [(key, float(ms)) for key, ms in items]
+        for _, v in values:
+            if v != v:  # NaN would break the sorted window; a clock difference never is one
+                raise ValueError(f"OnlineLatency.record: {v!r} is not a duration")
         with self._lock:
-            d = self._data.get(key)
-            if d is None:
-                d = self._data[key] = deque(maxlen=self.window)
-            d.append(float(ms))
-            for stat in STATS:
-                self._cache.pop((key, stat), None)
-            self.version += 1
+            for key, v in values:
+                d = self._data.get(key)
+                if d is None:
+                    d = self._data[key] = deque(maxlen=self.window)
+                    s = self._sorted[key] = []
+                else:
+                    s = self._sorted[key]
+                    if d and len(d) == d.maxlen:
+                        del s[bisect_left(s, d[0])]  # the value append() is about to drop
+                d.append(v)
+                insort(s, v)
+                self.version += 1
 
     def count(self, key: tuple) -> int:
         with self._lock:
@@ -202,31 +237,44 @@ class OnlineLatency:
             return list(self._data)
 
     def stat(self, key: tuple, stat: str = "p95") -> Optional[float]:
-        check_stat(stat)
+        if stat not in STATS:
+            check_stat(stat)
         with self._lock:
-            if (key, stat) in self._cache:
-                return self._cache[(key, stat)]
-            d = self._data.get(key)
-            vals = None if not d else np.fromiter(d, dtype=np.float64, count=len(d))
-            version = self.version
-        if vals is None:
-            return None
-        if stat == "mean":
-            v = float(vals.mean())
-        elif len(vals) < self.min_samples and stat != "p50":
-            v = float(vals.max())
-        else:
-            v = float(np.percentile(vals, float(stat[1:])))
-        with self._lock:
-            if self.version == version:  # nothing recorded meanwhile: the value is current
-                self._cache[(key, stat)] = v
-        return v
+            s = self._sorted.get(key)
+            if not s:
+                return None
+            n = len(s)
+            if stat == "mean":
+                vals = np.fromiter(self._data[key], dtype=np.float64, count=n)
+            elif n < self.min_samples and stat != "p50":
+                return s[-1]
+            else:
+                return _quantile_sorted(s, _QUANTILE[stat])
+        return float(vals.mean())
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
-            self._cache.clear()
+            self._sorted.clear()
             self.version += 1
+
+
+#: Percentile statistics as fractions.
+_QUANTILE = {s: float(s[1:]) / 100 for s in STATS if s.startswith("p")}
+
+
+def _quantile_sorted(s: list[float], q: float) -> float:
+    """``np.percentile(s, 100 * q)`` (method 'linear') of an already sorted non-empty list,
+    with numpy's exact arithmetic (virtual index ``(n - 1) q``, its two-sided lerp)."""
+    n = len(s)
+    v = (n - 1) * q
+    if v >= n - 1:
+        return s[-1]
+    lo = math.floor(v)
+    a, b = s[lo], s[lo + 1]
+    t = v - lo
+    d = b - a
+    return b - d * (1 - t) if t >= 0.5 else a + d * t
 
 
 class LatencyModel:
@@ -257,7 +305,11 @@ class LatencyModel:
         return self._macs[cfg][k]
 
     def record(self, cfg: str, k: int, batch: int, ms: float) -> None:
-        self.online.record((cfg, k, batch), ms)
+        self.online.record_many((((cfg, k, batch), ms),))
+
+    def record_many(self, items) -> None:
+        """``[((cfg, k, batch), ms), ...]`` recorded at once (see :meth:`record`)."""
+        self.online.record_many(items)
 
     def _direct(self, cfg: str, k: int, n: int, stat: str) -> Optional[float]:
         if self.table is not None:

@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from runtime.backends import PieceRunner, open_runner
 from runtime.bundle import Bundle
 
+#: One piece of a segment, ready to run: (runner.run, input names, output names, returns logits).
+Step = tuple[Callable[[dict], list], tuple[str, ...], tuple[str, ...], bool]
+
 
 class SegmentExecutor:
     """Runs segment k of a skip configuration; tensors pass between pieces by name.
 
     Runners are opened lazily (once per piece) and shared; each call keeps its own tensor
-    dictionary, so one executor serves many threads.
+    dictionary, so one executor serves many threads. A runner is opened from the artifact's
+    bytes as :meth:`Bundle.read_artifact` returns them (read once, sha256 checked on exactly
+    those bytes), so an artifact changed after ``load`` is refused with a
+    ``BundleIntegrityError`` when it is first opened, never run. The pieces of each
+    (skip config, segment) are resolved once and cached, so a call does no manifest lookups.
     """
 
     def __init__(self, bundle: Bundle, backend: str, target: str | None = None,
@@ -25,6 +32,7 @@ class SegmentExecutor:
         self.target = target
         self.options = dict(options or {})
         self._runners: dict[str, PieceRunner] = {}
+        self._steps: dict[tuple[str, int], tuple[Step, ...]] = {}
         self._lock = threading.Lock()
         self.input_name = self.manifest.input.name
 
@@ -34,29 +42,54 @@ class SegmentExecutor:
             with self._lock:
                 runner = self._runners.get(piece_id)
                 if runner is None:
-                    path = self.bundle.artifact_path(piece_id, self.backend, self.target)
-                    artifact = self.bundle.artifact(piece_id, self.backend, self.target)
-                    piece = self.manifest.piece(piece_id)
-                    runner = open_runner(self.backend, path, {**artifact.options, **self.options},
-                                         input_names=[t.name for t in piece.inputs],
-                                         output_names=[t.name for t in piece.outputs])
+                    runner = self._open(piece_id)
                     self._runners[piece_id] = runner
         return runner
 
+    def _open(self, piece_id: str) -> PieceRunner:
+        artifact = self.bundle.artifact(piece_id, self.backend, self.target)
+        path = self.bundle.resolve(artifact.file)
+        data = self.bundle.read_artifact(piece_id, self.backend, self.target)
+        piece = self.manifest.piece(piece_id)
+        options = {**artifact.options, **self.options}
+        names = dict(input_names=[t.name for t in piece.inputs],
+                     output_names=[t.name for t in piece.outputs])
+        if self.backend == "tensorrt":
+            # the engine built on the device runs; the ONNX it was built from was checked
+            # just now (read_artifact) and is checked again against the engine's sidecar
+            return open_runner(self.backend, path, options, **names)
+        return open_runner(self.backend, path, options, **names, data=data)
+
+    def steps(self, skip_config: str, k: int) -> tuple[Step, ...]:
+        """The pieces of segment ``k`` of ``skip_config``, runners opened (cached)."""
+        key = (skip_config, k)
+        steps = self._steps.get(key)
+        if steps is None:
+            segments = self.manifest.segments(skip_config)
+            if not 0 <= k < len(segments):
+                raise IndexError(f"segment {k} out of range: {skip_config!r} has "
+                                 f"{len(segments)} segments")
+            built = []
+            for piece in segments[k]:
+                r = self.runner(piece.id)
+                built.append((r.run, tuple(r.input_names), tuple(r.output_names),
+                              bool(piece.returns_logits)))
+            steps = tuple(built)
+            self._steps[key] = steps  # idempotent: a racing thread stores an equal tuple
+        return steps
+
     def warm(self, skip_config: str) -> None:
         """Open every runner a skip configuration needs (so timing excludes session creation)."""
-        for segment in self.manifest.segments(skip_config):
-            for piece in segment:
-                self.runner(piece.id)
+        for k in range(len(self.manifest.segments(skip_config))):
+            self.steps(skip_config, k)
 
     def run_segment(self, skip_config: str, k: int, tensors: dict[str, np.ndarray]) -> np.ndarray:
         """Run segment k in place on ``tensors`` (updated with every output); return its logits."""
+        steps = self._steps.get((skip_config, k)) or self.steps(skip_config, k)
         logits = None
-        for piece in self.manifest.segments(skip_config)[k]:
-            runner = self.runner(piece.id)
-            outputs = runner.run({name: tensors[name] for name in runner.input_names})
-            tensors.update(zip(runner.output_names, outputs))
-            if piece.returns_logits:
+        for run, inputs, outputs, returns_logits in steps:
+            tensors.update(zip(outputs, run({name: tensors[name] for name in inputs})))
+            if returns_logits:
                 logits = tensors["logits"]
         assert logits is not None, f"segment {k} of {skip_config} returned no logits"
         return logits

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import operator
 import os
 import platform
 import shutil
@@ -27,13 +29,16 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from runtime.bundle import Bundle
-from runtime.deadline import (Clock, Deadline, LatencyModel, LatencyTable, OnlineLatency,
+from runtime.deadline import (EPS_MS, Clock, LatencyModel, LatencyTable, OnlineLatency,
                               check_budget)
 from runtime.executor import SegmentExecutor
+from runtime.exits import normalised_entropy
 from runtime.preprocess import prepare_input
+from runtime.rules import EntropyRule, FullDepthRule, MaxProbRule, PatienceRule, StopContext
 
 __all__ = ["AdaptiveModel", "Prediction", "BackendChoice", "BackendUnavailableError",
-           "BackendFallbackWarning", "select_backend", "softmax", "DEFAULT_BACKEND_ORDER"]
+           "BackendFallbackWarning", "UnknownDeviceError", "select_backend", "softmax",
+           "DEFAULT_BACKEND_ORDER"]
 
 log = logging.getLogger("runtime")
 
@@ -59,6 +64,10 @@ class BackendUnavailableError(LookupError):
 
 class BackendFallbackWarning(RuntimeWarning):
     """The preferred backend(s) of the bundle's device profile were skipped on this machine."""
+
+
+class UnknownDeviceError(ValueError):
+    """``device=`` names no device profile known on this machine (the message lists them)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,10 +112,16 @@ class Prediction:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, computed in float64, returned as float32."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    z = np.array(logits, dtype=np.float64)  # a private copy: the steps below work in place
+    if z.ndim == 2 and z.shape[0] == 1:  # batch 1: whole-array reductions, same values
+        z -= z.max()
+        np.exp(z, out=z)
+        z /= z.sum()
+    else:
+        z -= z.max(axis=-1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=-1, keepdims=True)
+    return z.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +185,59 @@ def _load_profile(name: str):
     try:
         return load_profile(name), None
     except Exception as exc:  # noqa: BLE001 - ProfileError / ProfileNotFoundError / OSError
-        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        text = " ".join(str(exc).split())
+        if type(exc).__name__ == "ProfileNotFoundError":
+            return None, text  # "unknown device profile 'x'; available: ... (aliases: ...)"
+        return None, f"{type(exc).__name__}: {text}"
+
+
+def _tensorrt_engines_missing(bundle: Bundle, backend: str, target: str,
+                              pieces: list[str]) -> Optional[str]:
+    """Why the engines under ``engines/`` cannot serve this GPU, or None.
+
+    When this GPU's compute capability (``nvidia-smi``) and the installed TensorRT version
+    (package metadata) can be read without importing anything heavy, each piece's engine is
+    looked up exactly as the runner will (``tensorrt_cache.find_engine``: directory
+    ``engines/<sm>_trt<version>/``, the sidecar's ONNX sha256, build options and cache key;
+    the engine's own sha256 is left to the runner). Otherwise (Jetson without nvidia-smi,
+    TensorRT from apt without metadata) only the presence of ``engines/*/<piece>.plan`` is
+    checked and the runner reports a mismatch when it opens the engine.
+    """
+    engines = bundle.root / "engines"
+    missing = [pid for pid in pieces
+               if not (engines.is_dir() and any(engines.glob(f"*/{pid}.plan")))]
+    if missing:
+        return (f"TensorRT engines not built for this bundle ({len(missing)} of {len(pieces)} "
+                f"pieces missing, e.g. {missing[0]!r}): run `pipeline engines --bundle "
+                f"{bundle.root}` on the device")
+    cc, version = _gpu_and_tensorrt()
+    if cc is None or version is None:
+        return None  # not determinable cheaply: the runner checks when it opens the engine
+    from runtime.backends.tensorrt_cache import EngineNotBuiltError, find_engine
+
+    for pid in pieces:
+        art = bundle.artifact(pid, backend, target)
+        plan = (art.options or {}).get("build_plan")
+        try:
+            find_engine(bundle.root, pid, bundle.resolve(art.file), compute_capability=cc,
+                        trt_version=version, build_plan=plan if isinstance(plan, Mapping) else None,
+                        verify=False)
+        except (EngineNotBuiltError, ValueError) as exc:
+            return " ".join(str(exc).split())
+    return None
+
+
+def _gpu_and_tensorrt() -> tuple[Optional[str], Optional[str]]:
+    """(compute capability of GPU 0, installed TensorRT version), each None when it cannot be
+    read without importing tensorrt / CUDA (devices.host: nvidia-smi, package metadata)."""
+    try:
+        from devices.host import nvidia_gpus, package_versions
+    except ImportError:  # pragma: no cover - devices/ ships with runtime/
+        return None, None
+    gpus = nvidia_gpus()
+    cc = gpus[0].get("compute_capability") if gpus else None
+    version = package_versions().get("tensorrt")
+    return cc, (None if version in (None, "unknown") else version)
 
 
 def _used_pieces(manifest) -> list[str]:
@@ -212,13 +279,9 @@ def _unusable(bundle: Bundle, backend: str, target: str, profile, arch: str) -> 
                 return (f"libraries compiled for profile {profile.name!r} whose CPU features "
                         f"({', '.join(profile.hardware.isa) or 'none'}) this host lacks")
     elif backend == "tensorrt":
-        engines = bundle.root / "engines"
-        missing = [pid for pid in pieces
-                   if not (engines.is_dir() and any(engines.glob(f"*/{pid}.plan")))]
-        if missing:
-            return (f"TensorRT engines not built for this bundle ({len(missing)} of {len(pieces)} "
-                    f"pieces missing, e.g. {missing[0]!r}): run `pipeline engines --bundle "
-                    f"{bundle.root}` on the device")
+        why = _tensorrt_engines_missing(bundle, backend, target, pieces)
+        if why is not None:
+            return why
     module = _RUNNER_MODULE[library]
     if not _importable(module):
         return f"this runtime has no {library} runner ({module} is not installed)"
@@ -236,6 +299,11 @@ def select_backend(bundle: Bundle, backend: Optional[str] = None, device: Option
     ``backend`` given: only that one ("onnxruntime" also accepts the portable ONNX); raises
     :class:`BackendUnavailableError` saying why if it cannot run. Nothing is imported or
     executed here: libraries are looked up with ``importlib.util.find_spec``.
+
+    A ``device`` given explicitly must be a device profile known here (name, alias or
+    ``.toml`` path): otherwise :class:`UnknownDeviceError` (a ValueError) lists the known
+    profiles. Only the bundle's own ``manifest.device`` (the default) may be unknown on this
+    machine; then the order the bundle was compiled with is used (``choice.notes`` says so).
     """
     m = bundle.manifest
     arch = arch or host_arch()
@@ -244,6 +312,9 @@ def select_backend(bundle: Bundle, backend: Optional[str] = None, device: Option
     if dev is not None:
         profile, why = _load_profile(dev)
         if profile is None:
+            if device is not None and device != m.device:
+                raise UnknownDeviceError(f"device {device!r}: {why}" if why and
+                                         not why.startswith("unknown device profile") else why)
             notes.append(f"device profile {dev!r} not found here ({why}); "
                          f"using the default backend order")
         else:
@@ -299,6 +370,32 @@ def select_backend(bundle: Bundle, backend: Optional[str] = None, device: Option
 
 RuleLike = Union[None, str, Any]
 
+_UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)
+#: Built-in rules whose stop() reads nothing from the StopContext but ``num_exits``.
+_CTX_FREE_RULES = (MaxProbRule, EntropyRule, PatienceRule, FullDepthRule)
+#: Threshold rules decided inline at exits k < S-1 (exact type only; a subclass may override
+#: stop()): MaxProbRule stops when top_prob(p) >= thresholds[k], EntropyRule when
+#: normalised_entropy(p) <= thresholds[k] (NaN thresholds never stop), as their stop() does.
+_INLINE_RULES = {MaxProbRule: (lambda p: p.max(axis=-1), operator.ge),  # top_prob(p) >= t
+                 EntropyRule: (normalised_entropy, operator.le)}
+
+
+class _LazyStopContext(StopContext):
+    """A StopContext whose ``segment_ms`` is computed (current figures) only when read."""
+
+    def __init__(self, model: "AdaptiveModel", skip_config: str) -> None:  # noqa: D107
+        self._model = model
+        self._num_exits = model.stages
+        self.skip_config = skip_config
+
+    @property
+    def num_exits(self) -> int:  # type: ignore[override]
+        return self._num_exits
+
+    @property
+    def segment_ms(self):  # type: ignore[override]
+        return StopContext(segment_ms=self._model.segment_costs_ms(self.skip_config)).segment_ms
+
 
 class AdaptiveModel:
     """A loaded bundle ready to predict with early exits, a stopping rule and a deadline.
@@ -343,6 +440,20 @@ class AdaptiveModel:
         self._ranked = self._rank_configs()
         self.default_skip_config = self._default_config()
         self._default_rule = self._rule_from_manifest()
+        # per-call constants of predict(), computed once
+        self._skip_set = frozenset(self.skip_configs)
+        self._input_name = m.input.name
+        self._lazy_ctx: dict[str, StopContext] = {}
+        C, H, W = (int(d) for d in self.input_shape)
+        self._mean, self._std = list(m.input.mean), list(m.input.std)
+        self._chw, self._nchw = (C, H, W), (1, C, H, W)
+        self._hwc, self._nhwc = (H, W, C), (1, H, W, C)
+        self._hw = (H, W) if C == 1 else None
+        # runtime.preprocess.normalize's constants, same expressions
+        std32 = np.asarray(self._std, dtype=np.float32).reshape(1, 1, 1, C)
+        mean32 = np.asarray(self._mean, dtype=np.float32).reshape(1, 1, 1, C)
+        self._scale = np.float32(1.0) / (np.float32(255.0) * std32)
+        self._shift = mean32 / std32
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -377,8 +488,9 @@ class AdaptiveModel:
                     warnings.warn(msg, BackendFallbackWarning, stacklevel=2)
         options = {**choice.options, **dict(runner_options or {})}
         executor = SegmentExecutor(bundle, choice.backend, choice.target, options=options)
+        # the profile's canonical name ("host" -> "x86-host"): the latency table is keyed by it
         model = cls(bundle, executor, choice=choice, clock=clock, latency=latency,
-                    latency_device=device)
+                    latency_device=choice.device if device is not None else None)
         if warm:
             for cfg in model.skip_configs:
                 executor.warm(cfg)
@@ -521,9 +633,45 @@ class AdaptiveModel:
 
     # -- prediction ------------------------------------------------------------------------------
 
-    def _stop_context(self, cfg: str, deadline: Deadline):
-        from runtime.rules import StopContext
+    def _stop_context(self, stop_rule, cfg: str) -> StopContext:
+        """The StopContext a rule gets for ``cfg``.
+
+        The built-in max_prob, entropy, patience and full rules read only ``num_exits`` from it,
+        so they share one context per configuration whose ``segment_ms`` is computed only if
+        something reads it. Any other rule (lookahead, user rules) gets the segment costs as
+        they stand at the start of the call, as before.
+        """
+        if type(stop_rule) in _CTX_FREE_RULES:
+            ctx = self._lazy_ctx.get(cfg)
+            if ctx is None:
+                ctx = self._lazy_ctx.setdefault(cfg, _LazyStopContext(self, cfg))
+            return ctx
         return StopContext(segment_ms=self.segment_costs_ms(cfg), skip_config=cfg)
+
+    def _prepare(self, x: Any) -> tuple[np.ndarray, bool]:
+        """:func:`prepare_input`, with a shortcut for the two batch-1 shapes a camera loop
+        passes (uint8 ``(H, W, C)`` / ``(H, W)``, float32 ``(C, H, W)``): same checks, same
+        arithmetic (normalisation constants computed once), identical output. Anything else,
+        or anything the shortcut cannot vouch for, goes through :func:`prepare_input`."""
+        if type(x) is np.ndarray:
+            dt = x.dtype
+            if dt is _UINT8:
+                if x.shape == self._hwc or x.shape == self._hw:
+                    # raw.astype(float32) * scale - shift, as normalize() computes it
+                    z = np.multiply(x.reshape(self._nhwc), self._scale, dtype=np.float32)
+                    z -= self._shift
+                    if self._hw is not None:  # one channel: NHWC -> NCHW is a reshape
+                        return z.reshape(self._nchw), False
+                    return np.ascontiguousarray(z.transpose(0, 3, 1, 2)), False
+            elif dt is _FLOAT32 and x.shape == self._chw:
+                z = x.reshape(self._nchw)
+                if not z.flags.c_contiguous:
+                    z = np.ascontiguousarray(z)
+                # finite sum <=> every value finite (a NaN/inf makes it NaN/inf); a sum that
+                # overflows only sends the input through prepare_input's own check
+                if math.isfinite(z.sum()):
+                    return z, False
+        return prepare_input(x, self.input_shape, self._mean, self._std)
 
     def predict(self, x: Any, budget_ms: Optional[float] = None, rule: RuleLike = None,
                 skip_config: Optional[str] = None):
@@ -536,68 +684,100 @@ class AdaptiveModel:
         ``rule``: StoppingRule, rule name, or None (calibrated rule; full depth if none).
         ``skip_config``: force a configuration (default: chosen for the budget).
         """
-        t0 = self.clock()
-        budget = check_budget(budget_ms)
-        if skip_config is not None:
-            self.check_skip_config(skip_config)
+        clock = self.clock
+        t0 = clock()
+        budget = None if budget_ms is None else check_budget(budget_ms)
+        if skip_config is not None and skip_config not in self._skip_set:
+            self.check_skip_config(skip_config)  # raises
         stop_rule = self.resolve_rule(rule)
-        batch, batched = prepare_input(x, self.input_shape, self.manifest.input.mean,
-                                       self.manifest.input.std)
+        batch, batched = self._prepare(x)
         n = batch.shape[0]
-        cfg = skip_config if skip_config is not None else self.choose_skip_config(budget, n)
-        deadline = Deadline(budget, self.clock, start=t0)
-        ctx = self._stop_context(cfg, deadline) if stop_rule is not None else None
-        results: list[Optional[Prediction]] = [None] * n
-        active = np.arange(n)
-        tensors: dict[str, np.ndarray] = {self.manifest.input.name: batch}
-        history: list[np.ndarray] = []
-        first_miss = False
+        cfg = skip_config if skip_config is not None else (
+            self.default_skip_config if budget is None else self.choose_skip_config(budget, n))
+        # Rules that cannot stop before the last exit (none, "full") are not asked, and then
+        # the softmax is computed only for the exit that answers.
+        decide = stop_rule is not None and type(stop_rule) is not FullDepthRule
+        ctx = self._stop_context(stop_rule, cfg) if decide else None
+        # max_prob / entropy thresholds are applied here directly (no per-call validation of
+        # arguments this loop builds itself); other rules are asked through stop()
+        inline = _INLINE_RULES.get(type(stop_rule)) if decide else None
+        run_segment = self.executor.run_segment
+        segment_ms = self.latency.segment_ms
+        # segment timings for the online statistics: with a budget each one is recorded at once
+        # (the next deadline check of this call may need it), else all at the end of the call
+        timings: list[tuple[tuple[str, int, int], float]] = []
         last = self.stages - 1
+        results: list[Optional[Prediction]] = [None] * n
+        active: Optional[np.ndarray] = None  # rows still running (None: all n, in order)
+        tensors: dict[str, np.ndarray] = {self._input_name: batch}
+        history: list[np.ndarray] = []  # softmax of exits 0..k for the active rows (decide)
+        logits = probs = None
+        first_miss = False
+        limit = None if budget is None else budget + EPS_MS
 
-        def finish(rows: np.ndarray, probs: np.ndarray, k: int, why: str) -> None:
-            now_ms = (self.clock() - t0) * 1000.0
-            for i in rows:
-                p = probs[i]
-                cid = int(np.argmax(p))
-                results[int(active[i])] = Prediction(
-                    class_id=cid, class_name=self.class_names[cid], probabilities=p.copy(),
+        def finish(rows: Optional[np.ndarray], p: np.ndarray, k: int, why: str) -> None:
+            """Answer ``rows`` (indices into the active rows; None: all) with exit k."""
+            now_ms = (clock() - t0) * 1000.0
+            missed = first_miss or (limit is not None and now_ms > limit)
+            idx = range(len(p)) if rows is None else rows
+            for i in idx:
+                row = p[i]
+                cid = int(row.argmax())
+                results[i if active is None else int(active[i])] = Prediction(
+                    class_id=cid, class_name=self.class_names[cid], probabilities=row.copy(),
                     exit_index=k, depth=k + 1, skip_config=cfg, latency_ms=now_ms,
-                    deadline_missed=first_miss or deadline.missed(now_ms), budget_ms=budget,
-                    stopped_by=why)
+                    deadline_missed=missed, budget_ms=budget, stopped_by=why)
 
-        for k in range(self.stages):
-            m = len(active)
-            if budget is not None:
-                est = self.latency.segment_ms(cfg, k, m, "p95")
-                if not deadline.fits(est):
-                    if k == 0:
-                        first_miss = True  # answer with the first exit anyway, flagged
-                    else:
-                        finish(np.arange(m), history[-1], k - 1, "deadline")
+        for k in range(last + 1):
+            m = n if active is None else len(active)
+            if limit is not None:
+                est = segment_ms(cfg, k, m, "p95")
+                if est is not None and (clock() - t0) * 1000.0 + est > limit:
+                    if k > 0:  # answer with the exit we have (anytime prediction)
+                        finish(None, probs if probs is not None else softmax(logits), k - 1,
+                               "deadline")
                         break
-            ts = self.clock()
-            logits = self.executor.run_segment(cfg, k, tensors)
-            self.latency.record(cfg, k, m, (self.clock() - ts) * 1000.0)
-            probs = softmax(logits)
-            history.append(probs)
+                    first_miss = True  # even the first exit does not fit: answer with it
+            ts = clock()
+            logits = run_segment(cfg, k, tensors)
+            timings.append(((cfg, k, m), (clock() - ts) * 1000.0))
+            if limit is not None:
+                self.latency.record_many(timings)
+                timings.clear()
+            probs = None
             if k == last:
-                finish(np.arange(m), probs, k, "last_exit")
+                finish(None, softmax(logits), k, "last_exit")
                 break
-            if stop_rule is None:
-                continue
-            stop = np.asarray(stop_rule.stop(k, history, ctx), dtype=bool).reshape(-1)
-            if stop.shape != (m,):
-                raise RuntimeError(f"rule {type(stop_rule).__name__}.stop returned shape "
-                                   f"{stop.shape}, expected ({m},)")
-            if stop.any():
-                finish(np.flatnonzero(stop), probs, k, "rule")
-                keep = ~stop
-                if not keep.any():
+            if decide:
+                probs = softmax(logits)
+                history.append(probs)
+                if inline is not None:  # what MaxProbRule/EntropyRule.stop compute for k < S-1
+                    statistic, compare = inline
+                    stop = compare(statistic(probs), stop_rule._threshold(k))
+                else:
+                    stop = np.asarray(stop_rule.stop(k, history, ctx), dtype=bool).reshape(-1)
+                    if stop.shape != (m,):
+                        raise RuntimeError(f"rule {type(stop_rule).__name__}.stop returned "
+                                           f"shape {stop.shape}, expected ({m},)")
+                if stop.all():
+                    finish(None, probs, k, "rule")
                     break
-                active = active[keep]
-                tensors = {name: t[keep] for name, t in tensors.items()}
-                history = [h[keep] for h in history]
-        assert all(r is not None for r in results)
+                if stop.any():
+                    if first_miss:  # the rule's rows leave by the rule, the others by the deadline
+                        finish(np.flatnonzero(stop), probs, k, "rule")
+                        finish(np.flatnonzero(~stop), probs, k, "deadline")
+                        break
+                    finish(np.flatnonzero(stop), probs, k, "rule")
+                    keep = ~stop
+                    active = (np.arange(n) if active is None else active)[keep]
+                    tensors = {name: t[keep] for name, t in tensors.items()}
+                    history = [h[keep] for h in history]
+                    probs, logits = probs[keep], logits[keep]
+            if first_miss:
+                finish(None, probs if probs is not None else softmax(logits), k, "deadline")
+                break
+        if timings:
+            self.latency.record_many(timings)
         return results if batched else results[0]
 
     # -- whole-depth evaluation (calibration, tools) ---------------------------------------------

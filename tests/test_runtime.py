@@ -517,3 +517,242 @@ def test_runtime_sources_import_only_allowed_modules():
     for f in ("__init__.py", "profile.py", "registry.py", "host.py", "estimate.py"):
         top, _ = _imports(ROOT / "devices" / f)
         assert top <= stdlib | {"devices", "tomli"}, (f, top - stdlib)  # tomli: Python 3.10
+
+
+# ---------------------------------------------------------------------------------------------
+# deadline: a first exit predicted not to fit
+# ---------------------------------------------------------------------------------------------
+
+class _AlwaysStop(MaxProbRule):
+    """A max_prob rule (subclass: asked through stop()) that stops every sample at exit 0."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+
+def test_first_exit_predicted_miss_answers_exit_zero_flagged(timed_bundle, images):
+    """The table says 10 ms per segment, segments take 1 ms, budget 5 ms: exit 0 cannot fit,
+    so only segment 0 runs and answers, flagged missed (docs/runtime.md, Deadlines), although
+    deeper exits would fit after it; the rule still decides how the answer is labelled."""
+    m, _ = fake_time_model(timed_bundle, 1.0)
+    p = m.predict(images[0], budget_ms=5, skip_config="FFF")
+    assert (p.exit_index, p.deadline_missed, p.stopped_by) == (0, True, "deadline")
+    assert p.latency_ms == pytest.approx(1.0)
+    p = m.predict(images[0], budget_ms=5, skip_config="FFF", rule=_AlwaysStop())
+    assert (p.exit_index, p.deadline_missed, p.stopped_by) == (0, True, "rule")
+    ps = m.predict(images[:3], budget_ms=5, skip_config="FFF", rule=quantile_rule(m, images))
+    assert {(q.exit_index, q.deadline_missed) for q in ps} == {(0, True)}
+    # a first exit that fits is not flagged when deeper ones run and fit too
+    p = m.predict(images[0], budget_ms=35, skip_config="FFF")
+    assert (p.exit_index, p.deadline_missed, p.stopped_by) == (2, False, "last_exit")
+
+
+# ---------------------------------------------------------------------------------------------
+# the batch-1 hot path gives exactly what the general path gives
+# ---------------------------------------------------------------------------------------------
+
+def test_batch_one_input_shortcut_equals_prepare_input(model, images):
+    from runtime.preprocess import prepare_input
+
+    mean, std = model.manifest.input.mean, model.manifest.input.std
+    x = ((images[:2].astype(np.float64) / 255 - mean[0]) / std[0]).transpose(0, 3, 1, 2)
+    for arr in (images[0], images[0, :, :, 0], x[0].astype(np.float32),
+                np.asfortranarray(x[1].astype(np.float32)), images[:2], x.astype(np.float32)):
+        got, batched = model._prepare(arr)
+        want, want_batched = prepare_input(arr, model.input_shape, mean, std)
+        assert batched == want_batched and got.dtype == np.float32 and got.flags.c_contiguous
+        assert np.array_equal(got, want), arr.shape
+    with pytest.raises(ValueError, match="non-finite"):
+        model._prepare(np.full((1, 28, 28), np.nan, np.float32))
+
+
+def test_inline_threshold_rules_equal_their_stop_method(model, images):
+    """max_prob and entropy are decided inline; subclasses go through rule.stop(): same answers."""
+    from runtime.rules import EntropyRule
+
+    probs = model.exit_probabilities(images)
+    from runtime.exits import normalised_entropy
+
+    qs = [float(np.quantile(probs[k].max(axis=1), 0.5)) for k in range(model.stages - 1)]
+    ent = [float(np.quantile(normalised_entropy(probs[k]), 0.4)) for k in range(model.stages - 1)]
+
+    class SubMax(MaxProbRule):
+        pass
+
+    class SubEnt(EntropyRule):
+        pass
+
+    for fast, slow in ((MaxProbRule(qs), SubMax(qs)), (MaxProbRule(qs[0]), SubMax(qs[0])),
+                       (MaxProbRule([None, qs[1]]), SubMax([None, qs[1]])),
+                       (EntropyRule(ent), SubEnt(ent))):
+        exits = set()
+        for i in range(len(images)):
+            a, b = model.predict(images[i], rule=fast), model.predict(images[i], rule=slow)
+            assert (a.exit_index, a.class_id, a.stopped_by) == \
+                (b.exit_index, b.class_id, b.stopped_by), (fast, i)
+            np.testing.assert_array_equal(a.probabilities, b.probabilities)
+            exits.add(a.exit_index)
+        batch = model.predict(images, rule=fast)
+        assert [p.exit_index for p in batch] == \
+            [model.predict(images[i], rule=slow).exit_index for i in range(len(images))]
+        assert len(exits) > 1, fast
+    with pytest.raises(ValueError, match="no threshold for exit 1"):
+        model.predict(images[0], rule=MaxProbRule([1.0]))  # one entry, two decisions
+
+
+def test_rules_get_a_context_with_this_configurations_costs(bundles, images, tmp_path):
+    """Lookahead and user rules get segment_ms from the latency figures; the built-in rules
+    that only read num_exits share a lazy one (costs computed only if read)."""
+    from runtime.rules import StopContext
+
+    b = copy_bundle(bundles[1], tmp_path / "ctx")
+    edit_manifest(b, lambda m: m.replace_latency(latency_entries(m, "x86-host", 7.0)))
+    m = AdaptiveModel.load(b, runner_options=THREADS)
+    seen: list[StopContext] = []
+
+    class Spy(MaxProbRule):
+        def stop(self, k, probs, ctx=None):
+            seen.append(ctx)
+            return super().stop(k, probs, ctx)
+
+    m.predict(images[0], rule=Spy(1.0), skip_config="FTF")
+    assert len(seen) == m.stages - 1
+    assert isinstance(seen[0], StopContext) and seen[0].num_exits == m.stages
+    assert list(seen[0].segment_ms) == [7.0] * m.stages and seen[0].skip_config == "FTF"
+    lazy = m._stop_context(MaxProbRule(0.5), "FTF")
+    assert lazy is m._stop_context(MaxProbRule(0.9), "FTF")  # one per configuration
+    assert lazy.num_exits == m.stages and list(lazy.segment_ms) == [7.0] * m.stages
+    assert list(lazy.cumulative_ms) == [7.0, 14.0, 21.0]
+
+
+def test_online_latency_percentiles_equal_numpy():
+    from runtime.deadline import OnlineLatency
+
+    rng = np.random.default_rng(0)
+    online = OnlineLatency(window=50, min_samples=5)
+    values = rng.lognormal(size=400)
+    for i, v in enumerate(values):
+        online.record(("c", 0, 1), v)
+        window = values[max(0, i - 49):i + 1]
+        for stat in ("p50", "p90", "p95", "p99"):
+            want = float(np.percentile(window, float(stat[1:]))) if len(window) >= 5 or \
+                stat == "p50" else float(window.max())
+            assert online.stat(("c", 0, 1), stat) == want, (i, stat)
+        assert online.stat(("c", 0, 1), "mean") == pytest.approx(float(window.mean()), rel=1e-12)
+    assert online.count(("c", 0, 1)) == 50 and online.stat(("x",), "p95") is None
+    with pytest.raises(ValueError, match="stat must be one of"):
+        online.stat(("c", 0, 1), "p42")
+    online.clear()
+    assert online.keys() == [] and online.stat(("c", 0, 1)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts run from their verified bytes
+# ---------------------------------------------------------------------------------------------
+
+def test_unloadable_onnx_with_matching_checksum_is_a_bundle_error(bundles, tmp_path):
+    import runtime.manifest as rm
+    from runtime.errors import BundleIntegrityError
+
+    b = copy_bundle(bundles[1], tmp_path / "junk")
+
+    def junk(m):
+        art = m.piece("stage1.full").find_artifacts("onnxruntime")[0]
+        (b / art.file).write_bytes(b"not an onnx model at all")
+        art.sha256, art.size_bytes = rm.sha256_file(b / art.file), 24
+
+    edit_manifest(b, junk)
+    with pytest.raises(BundleIntegrityError, match=r"stage1\.full\.onnx: onnxruntime .* cannot "
+                                                   r"load this file although its checksum"):
+        AdaptiveModel.load(b, runner_options=THREADS)
+    lazy = AdaptiveModel.load(b, runner_options=THREADS, warm=False)
+    with pytest.raises(BundleIntegrityError, match=r"stage1\.full\.onnx"):
+        lazy.predict(np.zeros((28, 28), np.uint8), skip_config="FFF")
+
+
+def test_tvm_pieces_load_a_private_copy_of_their_verified_bytes(bundles, images, model,
+                                                                tmp_path, monkeypatch):
+    pytest.importorskip("tvm")
+    import tempfile
+
+    from export.compile import compile_bundle
+    from runtime.backends.tvm_runner import _private_copy
+    from runtime.errors import BundleIntegrityError
+
+    private = tmp_path / "private-tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    p = _private_copy(b"\x7fELF-bytes", "x/../stage0.full.so")
+    assert p.read_bytes() == b"\x7fELF-bytes" and p.parent.parent == private
+    assert (p.stat().st_mode & 0o777, p.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    assert p.name == "x_.._stage0.full.so"
+
+    out = compile_bundle(bundles[0], "x86-host", backends=["tvm"], out_dir=tmp_path / "tvm",
+                         progress=None)
+    for entry in private.iterdir():
+        if entry != p.parent:
+            shutil.rmtree(entry)
+    m = AdaptiveModel.load(out, backend="tvm", runner_options=THREADS)
+    assert m.backend == "tvm"
+    got = m.predict(images[:4], rule="full")
+    for a, b in zip(got, model.predict(images[:4], rule="full")):
+        assert a.class_id == b.class_id
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4)
+    assert sorted(private.iterdir()) == [p.parent]  # the copies are removed once loaded
+    # lazily opened: a library replaced after load() is refused, never loaded
+    lazy = AdaptiveModel.load(out, backend="tvm", warm=False)
+    f = out / lazy.bundle.artifact("stage2.full", "tvm").file
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="sha256 mismatch"):
+        lazy.predict(images[0], skip_config="FFF")
+
+
+# ---------------------------------------------------------------------------------------------
+# device names and TensorRT engines
+# ---------------------------------------------------------------------------------------------
+
+def test_unknown_device_is_an_error_listing_the_profiles(bundles, images):
+    from runtime.model import UnknownDeviceError
+
+    for b in bundles:
+        with pytest.raises(UnknownDeviceError, match=r"unknown device profile 'nosuch-board'; "
+                                                     r"available: .*x86-host"):
+            AdaptiveModel.load(b, device="nosuch-board")
+    with pytest.raises(ValueError, match="nosuch-board"):
+        select_backend(Bundle.open(bundles[1]), device="nosuch-board")
+    # an alias is resolved, and the latency table is then read under the profile's name
+    m = AdaptiveModel.load(bundles[1], device="host", runner_options=THREADS)
+    assert m.choice.device == "x86-host" and m.latency_device == "x86-host"
+
+
+def test_bundle_own_unknown_device_still_falls_back(bundles, tmp_path):
+    b = copy_bundle(bundles[1], tmp_path / "private-board")
+    edit_manifest(b, lambda m: setattr(m, "device", "my-private-board"))
+    choice = select_backend(Bundle.open(b), device="my-private-board")  # = the bundle's own
+    assert choice.backend == "onnxruntime"
+    assert any("my-private-board" in n for n in choice.notes)
+
+
+def test_tensorrt_engines_checked_against_this_gpu_when_known(jetson_like, monkeypatch):
+    import runtime.model as rm
+
+    real = rm._importable
+    monkeypatch.setattr(rm, "_importable", lambda mod: mod == "tensorrt" or real(mod))
+    bundle = Bundle.open(jetson_like)
+    pieces = rm._used_pieces(bundle.manifest)
+    other = jetson_like / "engines" / "sm_86_trt10.3.0"
+    other.mkdir(parents=True)
+    for pid in pieces:  # engines exist, but for another GPU
+        (other / f"{pid}.plan").write_bytes(b"engine")
+    # GPU / TensorRT version not readable cheaply: the lazy check (the runner decides)
+    monkeypatch.setattr(rm, "_gpu_and_tensorrt", lambda: (None, None))
+    assert select_backend(bundle, arch="x86_64").backend == "tensorrt"
+    # readable: an sm_87 GPU with TensorRT 10.3 has no engines in this bundle
+    monkeypatch.setattr(rm, "_gpu_and_tensorrt", lambda: ("8.7", "10.3.0"))
+    choice = select_backend(bundle, arch="x86_64")
+    assert choice.backend == "onnxruntime"
+    why = choice.skipped["tensorrt"]
+    assert "sm_87_trt10.3.0 does not exist (engines exist only for: sm_86_trt10.3.0)" in why
+    assert "pipeline engines --bundle" in why

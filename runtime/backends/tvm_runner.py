@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,22 @@ def _metadata(path: Path) -> dict[str, Any]:
         raise ValueError(f"unreadable TVM piece metadata {meta_path}: {exc}") from exc
 
 
+def _private_copy(data: bytes, name: str) -> Path:
+    """Write ``data`` (a library's verified bytes) to a new private directory (0700) as a 0600
+    file and return its path: what is loaded is exactly what was checked, whatever happens to
+    the bundle's file afterwards. The caller removes the directory once the library is loaded."""
+    tmp = Path(tempfile.mkdtemp(prefix="adn-tvm-"))  # mode 0700, unique, owned by us
+    path = tmp / (re.sub(r"[^A-Za-z0-9._-]", "_", name) or "piece.so")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def _device(tvm, device: str):
     m = re.fullmatch(r"(cpu|cuda|gpu)(?::(\d+))?", device.strip().lower())
     if m is None:
@@ -80,7 +98,11 @@ class TVMPieceRunner:
 
     Attributes: ``input_names``, ``output_names``, ``batch`` (None: any batch), ``path``, ``device``.
     ``input_names``/``output_names`` override or replace the metadata (a library without its
-    ``.json`` gets ``input0..`` / ``output0..``).
+    ``.json`` gets ``input0..`` / ``output0..``). ``library_bytes``: the library's bytes as
+    verified against a bundle manifest (``Bundle.read_artifact``); they are copied to a private
+    temporary file (0600 in a fresh 0700 directory, removed once loaded) and that copy is
+    loaded, so a file changed in the bundle after the check never runs. ``path`` then only names
+    the library in messages (and locates its ``.json`` when names are not given).
     """
 
     def __init__(
@@ -91,13 +113,14 @@ class TVMPieceRunner:
         input_names: list[str] | None = None,
         output_names: list[str] | None = None,
         batch: int | None = None,
+        library_bytes: bytes | None = None,
     ) -> None:
         tvm = import_tvm()
         from tvm.runtime.vm import VirtualMachine  # noqa: PLC0415
 
         self._tvm = tvm
         self.path = Path(path)
-        if not self.path.is_file():
+        if library_bytes is None and not self.path.is_file():
             raise FileNotFoundError(f"TVM piece library not found: {self.path}")
         # Names and batch given by the caller (from a verified bundle manifest) win; the sidecar
         # ``.json`` is only read for standalone use of a library.
@@ -110,13 +133,17 @@ class TVMPieceRunner:
         self.input_shapes: list[list[Any]] | None = meta.get("input_shapes")
         self.device = device
         self._dev = _device(tvm, device)
+        private = _private_copy(library_bytes, self.path.name) if library_bytes is not None else None
         try:
-            lib = tvm.runtime.load_module(str(self.path))
+            lib = tvm.runtime.load_module(str(private or self.path))
+            self._vm = VirtualMachine(lib, self._dev)
         except Exception as exc:
             raise RuntimeError(
                 f"cannot load {self.path} (built for {meta.get('target_slug', 'an unknown target')}): {exc}"
             ) from exc
-        self._vm = VirtualMachine(lib, self._dev)
+        finally:
+            if private is not None:  # loaded (mapped) or failed: the copy is not needed any more
+                shutil.rmtree(private.parent, ignore_errors=True)
         self._main = self._vm["main"]
 
     @property
