@@ -18,6 +18,9 @@ on a shared machine and cache state hit them alike. Each call is timed with
 * ``mono``: the whole model (skip config FF..F, last exit only) as one ONNX Runtime session,
   given the preprocessed float input, then softmax + argmax; the baseline (1.00x);
 * ``mono_run``: the same session's ``run`` alone (no softmax/argmax);
+* ``mono_u8``: the same session given the uint8 image, preprocessed with
+  ``runtime.preprocess.prepare_input`` (what ``pipeline.evaluate.MonolithicSession.predict``,
+  the ``pipeline build`` report's baseline, does);
 * ``raw_chain``: the pieces' runners (``runner.run``) called directly in a loop (the floor
   of segmentation: no executor, no rule);
 * ``executor``: ``SegmentExecutor.run_segment`` for every segment (bare chained pieces);
@@ -25,6 +28,9 @@ on a shared machine and cache state hit them alike. Each call is timed with
   the preprocessed float input (C, H, W) or the uint8 image (H, W, C) (preprocessing included);
 * ``early_f32`` / ``early_u8``: ``AdaptiveModel.predict(x, rule=max_prob)`` with thresholds set
   so that about half the images stop before the last exit.
+
+``--table``: use a copy of the bundle with a latency table (``pipeline profile
+--estimate-only``), as a built bundle has one; without it the runtime measures as it goes.
 
 The piece sessions and the monolithic session get the same ONNX Runtime session options
 (``runtime.backends.onnxruntime_runner.session_options`` with ``--threads`` intra-op threads).
@@ -63,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-spinning", action="store_true", help="session.intra_op.allow_spinning=0 "
                    "for every session (default: ORT's default, spinning)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image variant order")
+    p.add_argument("--table", action="store_true", help="the bundle copy with a latency table")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -107,11 +114,27 @@ def build(work: Path) -> None:
     images = data.test.images[:1024].permute(0, 2, 3, 1).contiguous().numpy()
     import numpy as np
     np.save(work / "images.npy", images)
+    build_table_copy(work)
     (work / "DONE").write_text("ok\n")
+
+
+def build_table_copy(work: Path) -> None:
+    """``host-table``: the host bundle with an estimated latency table for x86-host."""
+    import shutil
+
+    shutil.rmtree(work / "host-table", ignore_errors=True)
+    shutil.copytree(work / "host", work / "host-table")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, "-m", "pipeline", "profile", "--bundle",
+                    str(work / "host-table"), "--estimate-only", "--device", "x86-host",
+                    "--no-plot"], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
 def ensure_built(work: Path) -> None:
     if (work / "DONE").is_file():
+        if not (work / "host-table").is_dir():  # built by an earlier version of this script
+            build_table_copy(work)
         return
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -160,7 +183,10 @@ def measure(args) -> dict:
     runner_options = {"intra_op_threads": threads}
     if args.no_spinning:
         runner_options["allow_spinning"] = False
-    model = AdaptiveModel.load(work / "host", runner_options=runner_options)
+    model = AdaptiveModel.load(work / ("host-table" if args.table else "host"),
+                               runner_options=runner_options)
+    if args.table and not model.table:
+        raise SystemExit("the bundle copy has no latency table for this device/backend")
     m = model.manifest
     S = model.stages
     full = "F" * S
@@ -195,6 +221,13 @@ def measure(args) -> dict:
     def v_mono_run(i):
         return mono.run(mono_out, {mono_in: x_f32b[i]})[0]
 
+    shape, mean, std = model.input_shape, m.input.mean, m.input.std
+
+    def v_mono_u8(i):
+        batch, _ = prepare_input(x_u8[i], shape, mean, std)
+        p = softmax(mono.run(mono_out, {mono_in: batch})[0])
+        return int(np.argmax(p[0]))
+
     def v_raw_chain(i):
         t = {in_name: x_f32b[i]}
         for run, ins, outs in raw_steps:
@@ -219,7 +252,8 @@ def measure(args) -> dict:
     def v_early_u8(i):
         return model.predict(x_u8[i], rule=rule, skip_config=full)
 
-    variants = {"mono": v_mono, "mono_run": v_mono_run, "raw_chain": v_raw_chain,
+    variants = {"mono": v_mono, "mono_run": v_mono_run, "mono_u8": v_mono_u8,
+                "raw_chain": v_raw_chain,
                 "executor": v_executor, "full_f32": v_full_f32, "full_u8": v_full_u8,
                 "early_f32": v_early_f32, "early_u8": v_early_u8}
     if args.variants:
@@ -233,7 +267,8 @@ def measure(args) -> dict:
     for i in range(8):
         a = v_full_u8(i)
         assert a.class_id == v_mono(i) and a.exit_index == S - 1, i
-    exits = np.bincount([v_early_u8(i).exit_index for i in range(n_img)], minlength=S)
+    exit_of = np.array([v_early_u8(i).exit_index for i in range(n_img)])  # deterministic
+    exits = np.bincount(exit_of, minlength=S)
 
     for j in range(V):  # warm-up
         for c in range(args.warmup):
@@ -253,7 +288,8 @@ def measure(args) -> dict:
     us = times / 1000.0
     blocks = np.array_split(np.arange(args.calls), args.blocks)
     base = names.index("mono")
-    out = {"threads": threads, "no_spinning": bool(args.no_spinning), "calls": args.calls, "images": n_img, "seconds": seconds,
+    out = {"threads": threads, "no_spinning": bool(args.no_spinning), "calls": args.calls,
+           "latency": model.latency.source, "images": n_img, "seconds": seconds,
            "runtime": str(Path(runtime.__file__).resolve().parent),
            "onnxruntime": ort.__version__, "early_exit_histogram": exits.tolist(),
            "early_thresholds": rule.thresholds, "variants": {}}
@@ -267,6 +303,11 @@ def measure(args) -> dict:
             "ratio_mean": float(a.mean() / us[base].mean()),
             "block_ratio_median": float(np.median(block_ratio)),
             "block_ratio_range": [float(min(block_ratio)), float(max(block_ratio))]}
+        if name.startswith("early"):  # median cost of the calls answered at each exit
+            at = exit_of[np.arange(args.calls) % n_img]
+            out["variants"][name]["ratio_median_by_exit"] = [
+                float(np.median(a[at == k]) / np.median(us[base])) if (at == k).any() else None
+                for k in range(S)]
     return out
 
 
@@ -274,7 +315,8 @@ def report(out: dict, argv: list[str]) -> None:
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/runtime_overhead.py", *argv])
     print(f"# {cmd}")
     print(f"# runtime: {out['runtime']}  onnxruntime {out['onnxruntime']}  threads "
-          f"{out['threads']}{' (no spinning)' if out['no_spinning'] else ''}  {out['calls']} "
+          f"{out['threads']}{' (no spinning)' if out['no_spinning'] else ''}  latency figures: "
+          f"{out['latency']}  {out['calls']} "
           f"calls/variant over {out['images']} images, interleaved in random order "
           f"({out['seconds']:.1f} s)")
     print(f"# early rule: max_prob thresholds {[round(t, 4) for t in out['early_thresholds']]}, "
@@ -288,6 +330,11 @@ def report(out: dict, argv: list[str]) -> None:
         print(f"{name:<11} {d['median_us']:10.1f} {d['mean_us']:10.1f} {d['p90_us']:10.1f} "
               f"{d['ratio_median']:12.3f} {d['ratio_mean']:13.3f} "
               f"{d['block_ratio_median']:9.3f} [{lo:.3f}..{hi:.3f}]")
+    for name, d in out["variants"].items():
+        if "ratio_median_by_exit" in d:
+            print(f"# {name}: median x mono of the calls answered at exit 0, 1, ...: "
+                  + ", ".join("-" if r is None else f"{r:.3f}" for r in d["ratio_median_by_exit"])
+                  + " (mean over the mix of exits = x mono(mean) above)")
 
 
 def main(argv=None) -> None:

@@ -209,19 +209,19 @@ class OnlineLatency:
 
     def record_many(self, items) -> None:
         """Record several ``(key, ms)`` at once (one lock acquisition), in order."""
-        values = [(key, float(ms)) for key, ms in items]
-        for _, v in values:
-            if v != v:  # NaN would break the sorted window; a clock difference never is one
-                raise ValueError(f"OnlineLatency.record: {v!r} is not a duration")
         with self._lock:
-            for key, v in values:
-                d = self._data.get(key)
+            data, ordered, window = self._data, self._sorted, self.window
+            for key, ms in items:
+                v = float(ms)
+                if v != v:  # NaN would break the sorted window; a clock difference never is one
+                    raise ValueError(f"OnlineLatency.record: {ms!r} is not a duration")
+                d = data.get(key)
                 if d is None:
-                    d = self._data[key] = deque(maxlen=self.window)
-                    s = self._sorted[key] = []
+                    d = data[key] = deque(maxlen=window)
+                    s = ordered[key] = []
                 else:
-                    s = self._sorted[key]
-                    if d and len(d) == d.maxlen:
+                    s = ordered[key]
+                    if d and len(d) == window:
                         del s[bisect_left(s, d[0])]  # the value append() is about to drop
                 d.append(v)
                 insort(s, v)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import operator
 import os
 import platform
@@ -376,8 +375,8 @@ _CTX_FREE_RULES = (MaxProbRule, EntropyRule, PatienceRule, FullDepthRule)
 #: Threshold rules decided inline at exits k < S-1 (exact type only; a subclass may override
 #: stop()): MaxProbRule stops when top_prob(p) >= thresholds[k], EntropyRule when
 #: normalised_entropy(p) <= thresholds[k] (NaN thresholds never stop), as their stop() does.
-_INLINE_RULES = {MaxProbRule: (lambda p: p.max(axis=-1), operator.ge),  # top_prob(p) >= t
-                 EntropyRule: (normalised_entropy, operator.le)}
+_MAX_PROB_INLINE = (lambda p: p.max(axis=-1), operator.ge)  # top_prob(p) >= t
+_INLINE_RULES = {MaxProbRule: _MAX_PROB_INLINE, EntropyRule: (normalised_entropy, operator.le)}
 
 
 class _LazyStopContext(StopContext):
@@ -571,8 +570,7 @@ class AdaptiveModel:
         if rule is None:
             return self._default_rule
         if isinstance(rule, str):
-            with self._rules_lock:
-                cached = self._rules.get(rule)
+            cached = self._rules.get(rule)  # a dict read is atomic; the lock guards the writes
             if cached is not None:
                 return cached
             if rule == self.rule_name and self._default_rule is not None:
@@ -667,10 +665,8 @@ class AdaptiveModel:
                 z = x.reshape(self._nchw)
                 if not z.flags.c_contiguous:
                     z = np.ascontiguousarray(z)
-                # finite sum <=> every value finite (a NaN/inf makes it NaN/inf); a sum that
-                # overflows only sends the input through prepare_input's own check
-                if math.isfinite(z.sum()):
-                    return z, False
+                if np.isfinite(z).all():
+                    return z, False  # else prepare_input raises its usual error
         return prepare_input(x, self.input_shape, self._mean, self._std)
 
     def predict(self, x: Any, budget_ms: Optional[float] = None, rule: RuleLike = None,
@@ -748,6 +744,19 @@ class AdaptiveModel:
             if k == last:
                 finish(None, softmax(logits), k, "last_exit")
                 break
+            if decide and m == 1 and inline is _MAX_PROB_INLINE and not first_miss:
+                # batch-1 max_prob: softmax's own steps up to the sum s; the top probability is
+                # exactly float32(1 / s) (its exp is exp(0) = 1), so the full softmax is only
+                # computed for an answer (here, or by a later deadline stop from `logits`)
+                z = np.array(logits, dtype=np.float64)
+                z -= z.max()
+                np.exp(z, out=z)
+                total = z.sum()
+                if np.float32(1.0 / total) >= stop_rule._threshold(k):
+                    z /= total
+                    finish(None, z.astype(np.float32), k, "rule")
+                    break
+                continue
             if decide:
                 probs = softmax(logits)
                 history.append(probs)
@@ -759,10 +768,11 @@ class AdaptiveModel:
                     if stop.shape != (m,):
                         raise RuntimeError(f"rule {type(stop_rule).__name__}.stop returned "
                                            f"shape {stop.shape}, expected ({m},)")
-                if stop.all():
+                stopped = (1 if stop[0] else 0) if m == 1 else int(np.count_nonzero(stop))
+                if stopped == m:
                     finish(None, probs, k, "rule")
                     break
-                if stop.any():
+                if stopped:
                     if first_miss:  # the rule's rows leave by the rule, the others by the deadline
                         finish(np.flatnonzero(stop), probs, k, "rule")
                         finish(np.flatnonzero(~stop), probs, k, "deadline")

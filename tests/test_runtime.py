@@ -562,8 +562,15 @@ def test_batch_one_input_shortcut_equals_prepare_input(model, images):
         want, want_batched = prepare_input(arr, model.input_shape, mean, std)
         assert batched == want_batched and got.dtype == np.float32 and got.flags.c_contiguous
         assert np.array_equal(got, want), arr.shape
-    with pytest.raises(ValueError, match="non-finite"):
-        model._prepare(np.full((1, 28, 28), np.nan, np.float32))
+    huge = np.full((1, 28, 28), 3e38, np.float32)  # finite (its sum would overflow)
+    for arr in (huge, x[0], x[0].astype(np.float16), images[0].astype(np.float32)[None, :, :, 0]):
+        got, _ = model._prepare(arr)
+        np.testing.assert_array_equal(got, prepare_input(arr, model.input_shape, mean, std)[0])
+    for bad in (np.nan, np.inf, -np.inf):
+        arr = np.zeros((1, 28, 28), np.float32)
+        arr[0, 3, 4] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            model._prepare(arr)
 
 
 def test_inline_threshold_rules_equal_their_stop_method(model, images):
@@ -598,6 +605,19 @@ def test_inline_threshold_rules_equal_their_stop_method(model, images):
         assert len(exits) > 1, fast
     with pytest.raises(ValueError, match="no threshold for exit 1"):
         model.predict(images[0], rule=MaxProbRule([1.0]))  # one entry, two decisions
+    # the batch-1 max_prob shortcut: the top softmax probability is float32(1 / sum(exp(z -
+    # max z))), bit for bit, ties and extreme logits included
+    from runtime.model import softmax
+
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        z = (rng.standard_normal((1, 10)) * (10.0 ** rng.integers(-3, 4))).astype(np.float32)
+        if i % 7 == 0:
+            z[0, 3] = z[0, 5] = z.max()
+        e = np.array(z, dtype=np.float64)
+        e -= e.max()
+        np.exp(e, out=e)
+        assert np.float32(1.0 / e.sum()) == softmax(z).max(), z
 
 
 def test_rules_get_a_context_with_this_configurations_costs(bundles, images, tmp_path):

@@ -31,8 +31,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         if type(exc).__name__ == "UnpicklingError":
             # torch's own message suggests weights_only=False, i.e. running the file's code: never.
-            raise ValueError(f"{path}: refused: the file holds objects other than tensors and plain "
-                             "data, and checkpoints are only loaded with weights_only=True") from None
+            raise ValueError(f"{path}: not a readable checkpoint: it holds objects other than "
+                             "tensors and plain data, and checkpoints are only loaded with "
+                             "weights_only=True") from None
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
