@@ -32,7 +32,8 @@ import numpy as np
 
 from export.onnx_export import ExportError
 from export.parity import compare_runners, ort_runner
-from export.portable import _check_out, _json_safe, tool_version, write_archive
+from export.portable import _check_out, tool_version, write_archive
+from runtime.jsonsafe import json_safe
 from runtime.atomic import atomic_directory
 from runtime.bundle import Bundle
 from runtime.manifest import MANIFEST_NAME, Manifest, save_manifest, utc_now_iso
@@ -148,7 +149,7 @@ def _compile_tvm(profile, options: dict, onnx_path: Path, root: Path, piece_id: 
     opts = {"target": tvm_target, "opt_level": options.get("opt_level", 3), "device": _tvm_device(tvm_target),
             "tune_trials": int(tune_trials), "tuned": bool(tune_trials), **info}
     what = "tuned" if opts.get("tuned") else "untuned"
-    return rel, _json_safe(opts), f"{what} {tvm_target.get('kind')}, batch {opts.get('batch') or 'any'}"
+    return rel, json_safe(opts), f"{what} {tvm_target.get('kind')}, batch {opts.get('batch') or 'any'}"
 
 
 def _artifact_info(artifact: Any) -> dict:
@@ -188,7 +189,7 @@ def _compile_trt(profile, options: dict, onnx_path: Path, root: Path, piece_id: 
             "trt_major": int(profile.software.tensorrt_major),
             "compute_capability": profile.hardware.gpu_compute_capability,
             "engines": "built on the device: pipeline engines --bundle <B> (engines/<sm>_trt<ver>/)"}
-    return onnx_rel, _json_safe(opts), f"engine build plan for TensorRT {profile.software.tensorrt_major}.x"
+    return onnx_rel, json_safe(opts), f"engine build plan for TensorRT {profile.software.tensorrt_major}.x"
 
 
 _COMPILERS = {"onnxruntime": _compile_ort, "tvm": _compile_tvm, "tensorrt": _compile_trt}
@@ -357,7 +358,7 @@ def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence
             if not chosen:
                 raise ValueError(f"nothing could be compiled for profile {profile.name!r}: "
                                  + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
-            manifest.annotations = {**manifest.annotations, "compile": _json_safe({
+            manifest.annotations = {**manifest.annotations, "compile": json_safe({
                 "profile": profile.name, "profile_source": profile.source, "arch": profile.arch,
                 "backend_order": [b for b in profile.backend_order() if b in chosen],
                 "backends": report, "skipped": skipped, "tune_trials": tune_trials,

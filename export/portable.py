@@ -8,7 +8,6 @@ target ``portable``, ``device: null``, no stopping rule, no latency.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from export.segments import (DEFAULT_GRANULARITY, INPUT_NAME, SegmentPlan, piece
 from runtime.atomic import atomic_directory
 from runtime.bundle import Bundle
 from runtime.manifest import MANIFEST_NAME, Piece, Source, TensorSpec, new_manifest, save_manifest, sha256_file
+from runtime.jsonsafe import json_safe
 
 ONNX_DIR = "onnx"
 PORTABLE_TARGET = "portable"
@@ -42,24 +42,6 @@ def tool_version() -> str:
 
 def onnx_relpath(piece_id: str) -> str:
     return f"{ONNX_DIR}/{piece_id}.onnx"
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON (finite floats, str keys) from checkpoint metadata."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Tensor) and value.numel() == 1:
-        return _json_safe(value.item())
-    try:
-        return _json_safe(float(value))
-    except (TypeError, ValueError):
-        return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +64,7 @@ def metrics_summary(state: dict) -> dict:
         out["test_accuracy_per_exit"] = {cfg: r.get("accuracy_per_exit") for cfg, r in test.items()
                                          if isinstance(r, dict)}
     out["evaluated"] = bool(ev)
-    return _json_safe(out)
+    return json_safe(out)
 
 
 _SYNTH_KEYS = {"num_classes": "classes", "in_chans": "chans", "img_size": "size", "n_test": "test",
@@ -215,7 +197,7 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
             mean=list(mean), std=list(std), stages=S, tool_version=tool_version(),
             class_names=list(class_names) if class_names is not None else None,
             source=source or Source(),
-            annotations={**(annotations or {}), "export": _json_safe({
+            annotations={**(annotations or {}), "export": json_safe({
                 "granularity": granularity, "opset": max(i.opset for i in infos.values()),
                 "exporter": sorted({i.exporter for i in infos.values()}),
                 "versions": _versions(),
@@ -292,7 +274,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                        class_names=info.get("class_names"), model_name=state["model_name"],
                        source=source, opset=opset, granularity=granularity, exporter=exporter,
                        parity_note=note, overwrite=overwrite, progress=progress,
-                       annotations={"dataset": _json_safe({k: info.get(k) for k in (
+                       annotations={"dataset": json_safe({k: info.get(k) for k in (
                            "name", "num_classes", "img_size", "in_chans", "val_fraction", "split_seed")})})
     if archive:
         write_archive(out, overwrite=overwrite, progress=progress)

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.build_config import BuildConfig, content_hash
+from runtime.jsonsafe import json_safe
 
 __all__ = ["STAGES", "BuildPaths", "StageRecord", "BuildResult", "run_build", "plan_build",
            "profile_with_threads", "code_hash", "checkpoint_path", "resolve_backends",
@@ -181,26 +182,6 @@ def sha256_file(path: Path) -> str:
     from runtime.manifest import sha256_file as _sha
 
     return _sha(path)
-
-
-def _json_safe(value: Any) -> Any:
-    import math
-
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,7 +667,7 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
                 f"(full depth {100 * rec['full_depth_accuracy']:.2f}%), "
                 f"mean depth {rec['mean_exit']:.2f}/{model.stages}, mean latency "
                 f"{rec['mean_latency_ms']:.3f} ms [{(time.perf_counter() - t0) * 1e3:.0f} ms]")
-        atomic_write_json(tmp / "calibration.json", _json_safe(summary))
+        atomic_write_json(tmp / "calibration.json", json_safe(summary))
     out = {"device": sha256_file(paths.calibrated / "device" / "manifest.json"),
            "val": sha256_file(paths.calibrated / "val.npz")}
     if not ctx.is_host:
@@ -768,13 +749,13 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
     _score, cfg_, res = best
     new = m.copy()
     stopping = res.to_stopping(created=utc_now_iso())
-    new.stopping = Stopping(rule=stopping.rule, params=_json_safe(stopping.params),
+    new.stopping = Stopping(rule=stopping.rule, params=json_safe(stopping.params),
                             val_accuracy=stopping.val_accuracy,
                             mean_latency_ms=stopping.mean_latency_ms, created=stopping.created)
     source = (f"latency table ({kind}, device {device}, {backend})")
     ann = dict(new.annotations)
     ann["skip_accuracy"] = skip_accuracy
-    ann["calibration"] = _json_safe({
+    ann["calibration"] = json_safe({
         "rule": res.rule_name, "skip_config": cfg_, "data": data_name, "split": "val",
         "n": int(len(y)), "backend": model.backend, "target": model.target,
         "segment_ms": costs[cfg_], "segment_ms_source": source,
@@ -801,7 +782,7 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
             "target": {"max_drop": None if use_budget else c.max_drop,
                        "mean_budget_ms": c.mean_budget_ms if use_budget else None,
                        "risk_delta": c.risk_delta},
-            "details": _json_safe({k: v for k, v in res.details.items() if k != "frontier"}),
+            "details": json_safe({k: v for k, v in res.details.items() if k != "frontier"}),
             "search": search if len(candidates) > 1 else None}
 
 
@@ -873,7 +854,7 @@ def _evaluate_run(ctx: _Ctx, input_hash: str) -> dict:
     paths = ctx.paths
     results = evaluate_build(ctx)
     with atomic_directory(paths.evaluation, overwrite=True) as tmp:
-        atomic_write_json(tmp / "results.json", _json_safe(results))
+        atomic_write_json(tmp / "results.json", json_safe(results))
     return {"results": sha256_file(paths.evaluation / "results.json")}
 
 
@@ -1207,7 +1188,7 @@ def run_build(cfg: BuildConfig, *, force: bool = False, dry_run: bool = False,
             raise KeyboardInterrupt(f"simulated interruption after the {name} stage")
         ctx.outputs[name] = outputs
         ctx.records[name] = StageRecord(name, "built", seconds, why, seconds)
-        stages_state[name] = {"input_hash": h, "outputs": _json_safe(outputs),
+        stages_state[name] = {"input_hash": h, "outputs": json_safe(outputs),
                               "seconds": round(seconds, 3),
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _save_state(paths.state, ctx.state)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import click
 import numpy as np
+from runtime.jsonsafe import json_safe
 
 BACKENDS = ("onnxruntime", "tvm", "tensorrt", "onnx")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
@@ -371,14 +372,14 @@ def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
     b = Bundle.open(bundle, verify=False)  # re-read: keep concurrent edits (latency tables)
     new = b.manifest.copy()
     stopping = result.to_stopping(created=utc_now_iso())
-    new.stopping = Stopping(rule=stopping.rule, params=_json_safe(stopping.params),
+    new.stopping = Stopping(rule=stopping.rule, params=json_safe(stopping.params),
                             val_accuracy=stopping.val_accuracy,
                             mean_latency_ms=None if "MACs" in cost_source
                             else stopping.mean_latency_ms,
                             created=stopping.created)
     ann = dict(new.annotations)
     ann["skip_accuracy"] = skip_accuracy
-    ann["calibration"] = _json_safe({
+    ann["calibration"] = json_safe({
         "rule": result.rule_name, "skip_config": full, "data": name, "split": "val",
         "n": int(len(y)), "backend": model.backend, "target": model.target,
         "segment_ms": costs, "segment_ms_source": cost_source,
@@ -414,18 +415,3 @@ def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
     click.echo(f"wrote {b.root / MANIFEST_NAME} (stopping record; bundle verified)")
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON: numpy scalars/arrays to Python, non-finite floats to None, str keys."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
