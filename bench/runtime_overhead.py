@@ -5,8 +5,8 @@ does not depend on training):
 
     .venv/bin/python bench/runtime_overhead.py --threads 1
     .venv/bin/python bench/runtime_overhead.py --threads 2
-    # another copy of runtime/ (e.g. the previous commit), same bundle, same measurement:
-    mkdir -p /tmp/rt_before && git archive HEAD runtime | tar -x -C /tmp/rt_before
+    # another copy of runtime/ (e.g. before the batch-1 work, commit 2299ef9), same bundle:
+    mkdir -p /tmp/rt_before && git archive 2299ef9 runtime | tar -x -C /tmp/rt_before
     .venv/bin/python bench/runtime_overhead.py --threads 1 --runtime-root /tmp/rt_before
 
 Variants, measured side by side: every image goes through every variant in turn, in a fresh

@@ -562,6 +562,22 @@ def test_batch_one_input_shortcut_equals_prepare_input(model, images):
         want, want_batched = prepare_input(arr, model.input_shape, mean, std)
         assert batched == want_batched and got.dtype == np.float32 and got.flags.c_contiguous
         assert np.array_equal(got, want), arr.shape
+    every = np.arange(28 * 28, dtype=np.int64).reshape(28, 28) % 256  # every pixel value
+    for arr in (every.astype(np.uint8), every.astype(np.uint8)[::-1].T):
+        got, _ = model._prepare(arr)
+        np.testing.assert_array_equal(got, prepare_input(arr, model.input_shape, mean, std)[0])
+    # a 3-channel model: the per-channel table gives normalize()'s values too
+    from runtime.model import normalisation_table
+    from runtime.preprocess import normalize
+
+    rgb_mean, rgb_std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    rgb[0, 0, :, :] = np.arange(16 * 3).reshape(16, 3) * 5  # many values in every channel
+    got = normalisation_table(rgb_mean, rgb_std)[rgb, np.arange(3)].transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got, normalize(rgb, rgb_mean, rgb_std))
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    np.testing.assert_array_equal(normalisation_table([0.3], [0.7])[:, 0],
+                                  normalize(levels, [0.3], [0.7]).reshape(-1))
     huge = np.full((1, 28, 28), 3e38, np.float32)  # finite (its sum would overflow)
     for arr in (huge, x[0], x[0].astype(np.float16), images[0].astype(np.float32)[None, :, :, 0]):
         got, _ = model._prepare(arr)
@@ -571,6 +587,30 @@ def test_batch_one_input_shortcut_equals_prepare_input(model, images):
         arr[0, 3, 4] = bad
         with pytest.raises(ValueError, match="non-finite"):
             model._prepare(arr)
+
+
+def test_fast_paths_answer_like_the_general_loop(model, images):
+    """Batch 1 without a budget and a rule that never stops early takes a shorter path; a
+    budget that is never reached goes through the general loop: same answers."""
+    from runtime.model import _prediction
+
+    for i in range(8):
+        for rule in (None, "full"):
+            a = model.predict(images[i], rule=rule, skip_config="FTF")
+            b = model.predict(images[i], rule=rule, skip_config="FTF", budget_ms=1e9)
+            assert (a.exit_index, a.class_id, a.stopped_by, a.deadline_missed, a.budget_ms) == \
+                (b.exit_index, b.class_id, b.stopped_by, False, None)
+            np.testing.assert_array_equal(a.probabilities, b.probabilities)
+            assert a.depth == model.stages and a.skip_config == "FTF" and a.latency_ms > 0
+        one = model.predict(images[i:i + 1], rule="full", skip_config="FTF")
+        assert isinstance(one, list) and one[0].class_id == a.class_id
+    p = _prediction(3, "three", np.ones(5, np.float32), 1, "FFF", 2.5, True, 4.0, "deadline")
+    q = Prediction(class_id=3, class_name="three", probabilities=np.ones(5, np.float32),
+                   exit_index=1, depth=2, skip_config="FFF", latency_ms=2.5,
+                   deadline_missed=True, budget_ms=4.0, stopped_by="deadline")
+    assert repr(p) == repr(q) and p.to_dict() == q.to_dict()
+    with pytest.raises(AttributeError):
+        p.class_id = 4  # still frozen
 
 
 def test_inline_threshold_rules_equal_their_stop_method(model, images):
