@@ -10,7 +10,7 @@ A build config file has one table per section (all optional; defaults below)::
     [train]                  # any field of train.config.TrainConfig (the training recipe)
     model = "resnet20_adn"
     data = "fashion-mnist"
-    epochs = 5
+    epochs = 6
 
     [export]  [profile]  [calibrate]  [evaluate]  [acceptance]
 

@@ -8,8 +8,8 @@
 * :class:`OnlineLatency` - thread-safe recent segment timings measured while predicting
   (measure-as-you-go when the bundle has no table).
 * :class:`LatencyModel` - what the runtime asks: "how long will segment k of config c take at
-  batch n?" Table first (measured or estimated), then online measurements, then batch-1 figures
-  scaled by n, then MAC-proportional scaling of whatever was measured; ``None`` = no idea yet.
+  batch n?" Table first (measured or estimated; for p95/p99 the online window's figure when it is
+  slower), then online measurements, then batch-1 figures scaled by n, then MAC-proportional scaling of whatever was measured; ``None`` = no idea yet.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ __all__ = ["Clock", "FakeClock", "Deadline", "LatencyTable", "OnlineLatency", "L
 
 #: A clock returns seconds from an arbitrary origin, monotonic (like ``time.perf_counter``).
 Clock = Callable[[], float]
+#: Tail percentiles: for these a slower online measurement overrides the bundle's table.
+TAIL_STATS = ("p95", "p99")
 #: Comparisons with the budget tolerate 1 ns of floating-point noise in clock differences.
 EPS_MS = 1e-6
 
@@ -281,7 +283,8 @@ class LatencyModel:
     """Per-segment latency estimates for the deadline logic and the skip-config choice.
 
     Order of preference for segment ``k`` of ``cfg`` at batch ``n``: the bundle's table at
-    batch n; online measurements at batch n; the table / online figure at batch 1 times n
+    batch n (for p95/p99 the online window's figure instead when it is slower); online
+    measurements at batch n; the table / online figure at batch 1 times n
     (conservative on CPUs); the largest ms-per-MAC ratio among segments measured online at that
     batch (MAC-proportional). ``None`` when nothing is known yet (the runtime then runs the
     segment and measures it). ``use_table=False`` ignores the table (online only).
@@ -312,11 +315,13 @@ class LatencyModel:
         self.online.record_many(items)
 
     def _direct(self, cfg: str, k: int, n: int, stat: str) -> Optional[float]:
-        if self.table is not None:
-            v = self.table.segment(cfg, k, n, stat)
-            if v is not None:
-                return v
-        return self.online.stat((cfg, k, n), stat)
+        table = self.table.segment(cfg, k, n, stat) if self.table is not None else None
+        online = self.online.stat((cfg, k, n), stat)
+        if table is None or online is None or stat not in TAIL_STATS:
+            return table if table is not None else online
+        # The deadline guards with tail percentiles: when this process sees a segment run slower
+        # than the table says (load, cache pressure from other work, throttling), the slower wins.
+        return max(table, online)
 
     def _mac_scaled(self, cfg: str, k: int, n: int, stat: str) -> Optional[float]:
         version = self.online.version

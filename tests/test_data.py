@@ -81,7 +81,7 @@ def test_fashion_mnist_real(fmnist):
     assert b.train.labels.dtype == torch.int64
     assert abs(b.mean[0] - 0.286) < 0.01 and abs(b.std[0] - 0.353) < 0.01
     assert torch.bincount(b.val.labels).tolist() == [600] * 10  # stratified
-    assert b.augment == AugmentSpec(pad=2, flip=True)
+    assert b.augment == AugmentSpec(pad=0, flip=True)  # flip only: the short CPU recipe underfits with crops
     info = json.loads(json.dumps(b.info()))
     assert info["sizes"] == {"train": 54000, "val": 6000, "test": 10000}
     assert info["val_fraction"] == 0.1 and info["split_seed"] == 0

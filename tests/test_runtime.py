@@ -263,6 +263,19 @@ def test_deadline_missed_when_segments_take_longer_than_the_table(timed_bundle, 
     assert p.exit_index == 0 and p.deadline_missed and p.latency_ms == pytest.approx(30.0)
 
 
+def test_deadline_trusts_slower_online_tail_over_the_table(timed_bundle, images):
+    m, _ = fake_time_model(timed_bundle, 30.0)  # table says 10 ms, segments take 30
+    assert m.latency.segment_ms("FFF", 1, stat="p95") == pytest.approx(10.0)
+    for _ in range(5):
+        m.predict(images[0], skip_config="FFF")
+    # tail percentiles (the deadline's) take the slower online window, p50 keeps the table
+    assert m.latency.segment_ms("FFF", 1, stat="p95") == pytest.approx(30.0)
+    assert m.latency.segment_ms("FFF", 1, stat="p50") == pytest.approx(10.0)
+    # so a 45 ms budget now stops after exit 0 on time instead of missing at exit 1
+    p = m.predict(images[0], budget_ms=45, skip_config="FFF")
+    assert (p.exit_index, p.deadline_missed) == (0, False)
+
+
 def test_deadline_measure_as_you_go_without_table(bundles, images):
     m, _ = fake_time_model(bundles[1], 10.0)
     assert not m.table and m.latency.source == "online"

@@ -26,7 +26,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
 
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 128
     eval_batch_size: int = 1000
     max_steps: int | None = None  # stop early (smoke tests); the schedule still spans `epochs`
@@ -54,7 +54,7 @@ class TrainConfig:
     depth_costs: list[float] | None = None  # per-segment costs (e.g. measured latency); default MACs
 
     channels_last: bool = True
-    bf16: bool = False
+    bf16: bool | str = "auto"  # True | False | "auto" (on where the hardware has native bf16)
     ema: bool = False
     ema_decay: float = 0.999
     threads: int | None = None
@@ -83,6 +83,7 @@ class TrainConfig:
             ("ema_decay", 0.0 < self.ema_decay < 1.0, "must be in (0, 1)"),
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
             ("exit_threshold", 0.0 < self.exit_threshold <= 1.0, "must be in (0, 1]"),
+            ("bf16", isinstance(self.bf16, bool) or self.bf16 == "auto", "must be true, false or 'auto'"),
         ]
         for name, ok, why in checks:
             if not ok:

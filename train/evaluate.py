@@ -5,25 +5,55 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from runtime.exits import max_prob_exits, outcome_at_exits
 from train.data import ImageDataset, iterate_batches, normalize_batch
 from train.models.base import AdaptiveDepthNet, SkipConfig, all_skip_configs, skip_to_str
 
 
+def _prefix_tree_probabilities(model: AdaptiveDepthNet, x: Tensor,
+                               configs: Sequence[SkipConfig]) -> dict[SkipConfig, Tensor]:
+    """Softmax of every exit, (S, N, C), per skip config; configs sharing a prefix share its work.
+
+    All 2^S configs cost 2 + 4 + ... + 2^S stage runs instead of S * 2^S.
+    """
+    level: dict[SkipConfig, tuple[Tensor, list[Tensor]]] = {(): (model.forward_stem(x), [])}
+    for k in range(model.num_stages):
+        following: dict[SkipConfig, tuple[Tensor, list[Tensor]]] = {}
+        for prefix in dict.fromkeys(c[:k + 1] for c in configs):
+            h, probs = level[prefix[:-1]]
+            h = model.forward_stage(k, h, prefix[-1])
+            following[prefix] = (h, probs + [model.forward_head(k, h).float().softmax(dim=1)])
+        level = following
+    return {c: torch.stack(level[c][1]) for c in configs}
+
+
 @torch.no_grad()
+def exit_probabilities_by_config(model: AdaptiveDepthNet, ds: ImageDataset, mean: Sequence[float],
+                                 std: Sequence[float], skip_configs: Sequence[SkipConfig],
+                                 batch_size: int = 1000, channels_last: bool = False,
+                                 ) -> tuple[dict[SkipConfig, np.ndarray], np.ndarray]:
+    """Per skip config the softmax outputs of every exit, (S, N, C) float32; and the labels (N,)."""
+    model.eval()
+    configs = [tuple(c) for c in skip_configs]
+    chunks: dict[SkipConfig, list[np.ndarray]] = {c: [] for c in configs}
+    labels = []
+    for images, y in iterate_batches(ds, batch_size, shuffle=False):
+        x = normalize_batch(images, mean, std, channels_last=channels_last)
+        for c, probs in _prefix_tree_probabilities(model, x, configs).items():
+            chunks[c].append(probs.numpy())
+        labels.append(y.numpy())
+    return {c: np.concatenate(p, axis=1) for c, p in chunks.items()}, np.concatenate(labels)
+
+
 def exit_probabilities(model: AdaptiveDepthNet, ds: ImageDataset, mean: Sequence[float],
                        std: Sequence[float], skip: SkipConfig, batch_size: int = 1000,
                        channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax outputs of every exit, (S, N, C) float32, and the labels (N,)."""
-    model.eval()
-    probs, labels = [], []
-    for images, y in iterate_batches(ds, batch_size, shuffle=False):
-        x = normalize_batch(images, mean, std, channels_last=channels_last)
-        logits = model(x, skip=skip)
-        probs.append(torch.stack([z.float().softmax(dim=1) for z in logits]).numpy())
-        labels.append(y.numpy())
-    return np.concatenate(probs, axis=1), np.concatenate(labels)
+    """Softmax outputs of every exit, (S, N, C) float32, and the labels (N,), for one skip config."""
+    skip = tuple(skip)
+    probs, labels = exit_probabilities_by_config(model, ds, mean, std, [skip], batch_size, channels_last)
+    return probs[skip], labels
 
 
 def evaluate_configs(model: AdaptiveDepthNet, ds: ImageDataset, mean: Sequence[float],
@@ -32,9 +62,10 @@ def evaluate_configs(model: AdaptiveDepthNet, ds: ImageDataset, mean: Sequence[f
                      channels_last: bool = False) -> dict[str, dict]:
     """Per skip config: accuracy of every exit, and early-exit outcome at a confidence threshold."""
     configs = skip_configs or all_skip_configs(model.num_stages)
+    probs_by_config, labels = exit_probabilities_by_config(model, ds, mean, std, configs,
+                                                           batch_size, channels_last)
     results = {}
-    for skip in configs:
-        probs, labels = exit_probabilities(model, ds, mean, std, skip, batch_size, channels_last)
+    for skip, probs in probs_by_config.items():
         accuracy = (probs.argmax(axis=2) == labels[None]).mean(axis=1)
         results[skip_to_str(skip)] = {
             "accuracy_per_exit": [round(float(a), 5) for a in accuracy],

@@ -22,6 +22,7 @@ from train.losses import ADNLoss, DepthLoss, costs_from_macs
 from train.models import create_model
 from train.models.base import AdaptiveDepthNet, skip_to_str
 from train.models.macs import macs_per_exit, piece_macs
+from train.precision import resolve_bf16
 from train.schedule import build_optimizer, build_scheduler, param_groups
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -72,6 +73,7 @@ class Trainer:
                                            self.ctx.world_size, drop_last=True)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
+        self.bf16 = resolve_bf16(cfg.bf16, self.ctx.device)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -169,7 +171,7 @@ class Trainer:
             if i < self.step_in_epoch:
                 continue  # resuming mid-epoch: this batch was already trained on
             x, y = self._prepare(images, self.global_step), labels.to(ctx.device)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 super_logits, base_logits, increments = self.step_module(x)
                 loss, terms = self.loss_fn(super_logits, base_logits, y, increments)
             if not torch.isfinite(loss):
@@ -229,7 +231,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"model {cfg.model} ({n_params / 1e6:.2f} M params, {self.model.num_stages} exits) "
                  f"on {self.data.name} {self.data.img_size}px: {len(self.data.train)} train / "
-                 f"{len(self.data.val)} val / {len(self.data.test)} test, {self.ctx.world_size} process(es)")
+                 f"{len(self.data.val)} val / {len(self.data.test)} test, {self.ctx.world_size} process(es), "
+                 f"{'bf16 autocast' if self.bf16 else 'fp32'}")
         while self.epoch < cfg.epochs:
             # A run killed between its epoch's last step and the epoch's end resumes with nothing
             # left to train in that epoch: only the validation and bookkeeping remain.

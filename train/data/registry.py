@@ -27,7 +27,7 @@ _ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-1
             "cifar-100": "cifar100", "mnist-5k": "mnist5k", "image-folder": "imagefolder",
             "folder": "imagefolder"}
 DEFAULT_AUGMENT = {
-    "fashion-mnist": AugmentSpec(pad=2, flip=True), "mnist": AugmentSpec(pad=2),
+    "fashion-mnist": AugmentSpec(flip=True), "mnist": AugmentSpec(pad=2),
     "mnist5k": AugmentSpec(pad=2), "digits": AugmentSpec(pad=1),
     "cifar10": AugmentSpec(pad=4, flip=True), "cifar100": AugmentSpec(pad=4, flip=True),
     "synthetic": AugmentSpec(pad=2),

@@ -72,13 +72,14 @@ class ConvExitHead(nn.Module):
     passes through stay cheap next to the trunk (a few % of ResNet-20's MACs).
     """
 
-    def __init__(self, in_chs: int, num_classes: int, conv: bool = True) -> None:
+    def __init__(self, in_chs: int, num_classes: int, conv: bool = True, width: int | None = None) -> None:
         super().__init__()
+        width = width or in_chs  # channels the classifier sees: a wider conv lifts a thin early exit
         self.conv = nn.Sequential(
-            nn.Conv2d(in_chs, in_chs, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(in_chs), nn.ReLU(inplace=True),
+            nn.Conv2d(in_chs, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
         ) if conv else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, num_classes)
+        self.fc = nn.Linear(width if conv else in_chs, num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

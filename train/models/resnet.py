@@ -100,13 +100,17 @@ class ResNetADN(AdaptiveDepthNet):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  widths: Sequence[int], num_classes: int = 10, in_chans: int = 3, img_size: int = 224,
-                 cifar_stem: bool = False, exit_conv: bool = False, zero_init_residual: bool = True) -> None:
+                 cifar_stem: bool = False, exit_conv: bool = False, exit_width_mult: int = 1,
+                 zero_init_residual: bool = True) -> None:
         super().__init__()
         if len(layers) != len(widths):
             raise ValueError(f"layers {list(layers)} and widths {list(widths)} differ in length")
         self.num_stages = len(layers)
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.exit_conv, self.zero_init_residual = exit_conv, zero_init_residual
+        self.exit_width_mult = int(exit_width_mult)
+        if self.exit_width_mult < 1:
+            raise ValueError(f"exit_width_mult must be >= 1, got {exit_width_mult!r}")
         self.splits = [split_stage(n) for n in layers]
 
         stem_chs = widths[0]
@@ -130,7 +134,8 @@ class ResNetADN(AdaptiveDepthNet):
             self.add_module(f"layer{k + 1}", nn.Sequential(*blocks))
             self.stage_chs.append(in_chs)
 
-        self.exits = nn.ModuleList(ConvExitHead(c, num_classes, conv=exit_conv) for c in self.stage_chs[:-1])
+        self.exits = nn.ModuleList(ConvExitHead(c, num_classes, conv=exit_conv, width=c * self.exit_width_mult)
+                                   for c in self.stage_chs[:-1])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_chs, num_classes)
         self._init_weights()
@@ -178,7 +183,7 @@ class ResNetADN(AdaptiveDepthNet):
 
     def model_config(self) -> dict:
         return {**super().model_config(), "exit_conv": self.exit_conv,
-                "zero_init_residual": self.zero_init_residual}
+                "exit_width_mult": self.exit_width_mult, "zero_init_residual": self.zero_init_residual}
 
 
 def _resnet(block, layers, widths, cifar: bool, num_classes: int = 10, in_chans: int = 3,
