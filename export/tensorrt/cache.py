@@ -3,14 +3,8 @@
 A serialized engine (a *plan*) is valid only for the GPU it was built on (compute capability)
 and the exact TensorRT version that built it, and only for the ONNX and build options it came
 from. The cache key covers all four: ``(compute capability, TensorRT version, ONNX sha256,
-plan hash)``. Layout, under a bundle (or any root) directory::
-
-    engines/
-      sm_87_trt10.3.0/           # one directory per (GPU compute capability, TensorRT version)
-        <piece>.plan             # serialized engine
-        <piece>.json             # sidecar: key, its four parts, the build plan, engine sha256
-        <piece>.calib            # INT8 calibration cache (TensorRT 10 implicit INT8 only)
-        timing.cache             # TensorRT timing cache shared by the pieces of this directory
+plan hash)``; the directory layout (``engines/<sm>_<trt version>/<piece>.plan`` + sidecar) is
+documented in :mod:`runtime.backends.tensorrt_cache`.
 
 Writes are atomic (temp file + ``os.replace``); the sidecar is written last and is the commit
 marker, so a reader never accepts a half-written engine. The runtime must never build an
