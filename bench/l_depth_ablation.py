@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.exits import max_prob_exits, outcome_at_exits
+from export.simulate import max_prob_exits, outcome_at_exits
 from train.config import TrainConfig
 from train.evaluate import exit_probabilities
 from train.models.macs import macs_per_exit, piece_macs

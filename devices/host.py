@@ -4,23 +4,24 @@ Used by the ``x86-host`` profile (alias ``host``) at load time, by the ``nvidia-
 profile (``nvidia-smi``), by :meth:`devices.profile.Profile.is_host_compatible`, and by
 the measuring profiler to stamp results with a machine fingerprint.
 
-Stdlib only, and cheap: package versions come from ``importlib.metadata`` and are
-never imported (in a full dev venv ``import tvm`` pulls in torch, which must never
-happen on-device).  Everything that reads the system is cached per process.
+Stdlib only, and cheap. The probes the runtime itself needs (architecture names, ISA flags,
+GPUs, package versions, usable cores) live in :mod:`runtime.host`; this module adds what
+profiles and the profiler need on top (CPU model, peak estimate, LLVM target, fingerprint).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import importlib.util
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from typing import Any
+
+from runtime.host import cpuinfo as _cpuinfo
+from runtime.host import isa_flags, machine_arch, nvidia_gpus, package_versions, usable_cores
+from runtime.host import read_text as _read
 
 __all__ = [
     "cpu_info",
@@ -36,33 +37,6 @@ __all__ = [
     "x86_64_level",
 ]
 
-_ARCH_ALIASES = {
-    "x86_64": "x86_64",
-    "amd64": "x86_64",
-    "x64": "x86_64",
-    "aarch64": "aarch64",
-    "arm64": "aarch64",
-    "armv8l": "aarch64",
-}
-
-# ISA features worth recording (a compiled bundle may depend on them).  Names follow
-# Linux /proc/cpuinfo, except on aarch64 where Linux's names are mapped to the
-# compiler's: asimd -> neon, asimdhp -> fp16, asimddp -> dotprod.
-_X86_KEEP = re.compile(
-    r"^(sse2|ssse3|sse4_1|sse4_2|popcnt|avx|avx2|fma|f16c|bmi1|bmi2|movbe|abm|"
-    r"avx512\w*|avx_vnni\w*|avx_vnni|amx\w*)$"
-)
-_ARM_MAP = {
-    "asimd": "neon",
-    "asimdhp": "fp16",
-    "asimddp": "dotprod",
-    "i8mm": "i8mm",
-    "bf16": "bf16",
-    "sve": "sve",
-    "sve2": "sve2",
-    "sme": "sme",
-    "fphp": "fphp",
-}
 # x86-64 micro-architecture levels (psABI); v4 is the AVX-512 baseline.
 _X86_LEVELS = (
     (4, {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
@@ -83,59 +57,6 @@ _ARM_PARTS = {
     ("0x41", "0xd4f"): ("neoverse-v2", "Arm Neoverse-V2"),
     ("0x4e", "0x004"): ("carmel", "NVIDIA Carmel"),
 }
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
-def machine_arch(machine: str | None = None) -> str:
-    """Normalised architecture: ``x86_64`` or ``aarch64`` (else the raw lower-cased name)."""
-    m = (machine if machine is not None else platform.machine()).lower()
-    return _ARCH_ALIASES.get(m, m)
-
-
-@functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[dict[str, str], list[str]]:
-    """First processor block of /proc/cpuinfo (+ board-level keys) and the flag list."""
-    text = _read("/proc/cpuinfo") or ""
-    first: dict[str, str] = {}
-    tail: dict[str, str] = {}
-    block = 0
-    for line in text.splitlines():
-        if not line.strip():
-            block += 1
-            continue
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if block == 0 and key not in first:
-            first[key] = value
-        tail[key] = value  # Raspberry Pi puts "Model"/"Hardware" after the last core
-    for key in ("Model", "Hardware", "Revision"):
-        if key in tail and key not in first:
-            first[key] = tail[key]
-    flags = (first.get("flags") or first.get("Features") or "").split()
-    return first, flags
-
-
-@functools.lru_cache(maxsize=1)
-def isa_flags() -> tuple[str, ...]:
-    """Sorted ISA features of this CPU relevant to compiled code (see module docs)."""
-    arch = machine_arch()
-    _, flags = _cpuinfo()
-    out: set[str] = set()
-    if arch == "x86_64":
-        out = {f for f in flags if _X86_KEEP.match(f)}
-        if "sse2" not in out:  # x86-64 baseline, even if /proc/cpuinfo is unavailable
-            out.add("sse2")
-    elif arch == "aarch64":
-        out = {_ARM_MAP[f] for f in flags if f in _ARM_MAP}
-        out.add("neon")  # Advanced SIMD is mandatory on AArch64 (Linux calls it asimd)
-    return tuple(sorted(out))
 
 
 def x86_64_level(isa: tuple[str, ...] | None = None) -> int | None:
@@ -169,10 +90,7 @@ def cpu_info() -> dict[str, Any]:
     arch = machine_arch()
     first, _ = _cpuinfo()
     logical = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = logical
+    usable = usable_cores()
     vendor = first.get("vendor_id")
     model = first.get("model name") or first.get("Processor") or ""
     core_type = None
@@ -284,83 +202,6 @@ def llvm_target(info: dict[str, Any] | None = None, isa: tuple[str, ...] | None 
         target["mattr"] = [v for k, v in feats.items() if k in have]
     target["num-cores"] = info.get("usable_cores") or info["cpu_cores"]
     return target
-
-
-@functools.lru_cache(maxsize=1)
-def nvidia_gpus(timeout_s: float = 5.0) -> tuple[dict[str, Any], ...]:
-    """GPUs reported by ``nvidia-smi`` (name, compute_capability, memory_gb); empty if none.
-
-    Needs a driver new enough for the ``compute_cap`` query field (R510+); older drivers
-    report the name only.  Never raises.
-    """
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return ()
-    for query in ("name,compute_cap,memory.total", "name,memory.total"):
-        try:
-            res = subprocess.run(
-                [exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ()
-        if res.returncode != 0:
-            continue
-        gpus = []
-        for line in res.stdout.strip().splitlines():
-            cols = [c.strip() for c in line.split(",")]
-            if query.startswith("name,compute_cap") and len(cols) >= 3:
-                name, cc, mem = cols[0], cols[1], cols[2]
-            elif len(cols) >= 2:
-                name, cc, mem = cols[0], None, cols[1]
-            else:
-                continue
-            if cc is not None and not re.match(r"^\d+\.\d+$", cc):
-                cc = None
-            try:
-                mem_gb = round(float(mem) / 1024.0, 1)  # MiB
-            except ValueError:
-                mem_gb = None
-            gpus.append({"name": name, "compute_capability": cc, "memory_gb": mem_gb})
-        return tuple(gpus)
-    return ()
-
-
-_DISTS = {
-    "numpy": ("numpy",),
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"),
-    "tvm": ("apache-tvm", "tvm", "mlc-ai-nightly", "mlc-ai-nightly-cu122"),
-    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs"),
-}
-_MODULES = {"numpy": "numpy", "onnxruntime": "onnxruntime", "tvm": "tvm", "tensorrt": "tensorrt"}
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of numpy / onnxruntime / tvm / tensorrt, without importing them.
-
-    ``None`` if absent; ``"unknown"`` if importable but without distribution metadata
-    (e.g. TensorRT from JetPack's apt packages or TVM built from source).
-    """
-    out: dict[str, str | None] = {}
-    for key, dists in _DISTS.items():
-        version = None
-        for dist in dists:
-            try:
-                version = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        if version is None:
-            try:
-                found = importlib.util.find_spec(_MODULES[key]) is not None
-            except (ImportError, ValueError):
-                found = False
-            version = "unknown" if found else None
-        out[key] = version
-    return out
 
 
 def _board() -> str | None:

@@ -38,6 +38,7 @@ from runtime.manifest import (DYNAMIC_DIM, MANIFEST_NAME, LatencyEntry, Manifest
 # the canonical latency-table readers, re-exported (see runtime/latency.py)
 from runtime.latency import (STATS, check_stat, cumulative_table, latency_groups,
                              segment_costs_ms, select_group)
+from runtime.errors import UsageError
 
 __all__ = [
     "STATS",
@@ -325,13 +326,13 @@ def _check_measured(manifest: Manifest, entries: list[LatencyEntry], where: str)
                 arches[e.device] = None  # a profile unknown here: nothing to check against
         arch, got = arches[e.device], fp.get("arch")
         if arch is not None and got is not None and arch != got:
-            raise ValueError(f"{where}: refusing to record latency measured on a {got} machine "
+            raise UsageError(f"{where}: refusing to record latency measured on a {got} machine "
                              f"under device profile {e.device!r}, which is {arch}")
         want = (fp.get("measurement") or {}).get("artifact_sha256")
         if e.piece is not None and want:
             have = _artifact_sha(manifest, e.piece, e.backend, e.target)
             if have != want:
-                raise ValueError(f"{where}: piece {e.piece!r} ({e.backend}/{e.target}) changed "
+                raise UsageError(f"{where}: piece {e.piece!r} ({e.backend}/{e.target}) changed "
                                  "since it was measured (artifact sha256 differs); profile again")
 
 

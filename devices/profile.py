@@ -5,11 +5,14 @@ is expected to run, the compile backends to try (in order of preference) with th
 options, a default latency budget, and peak compute / memory bandwidth for roofline
 estimates.  Profiles are data (TOML files in ``devices/profiles/``); this module turns
 a parsed TOML table into validated :class:`Profile` objects.  Every validation error
-names the offending field, e.g.::
+(:class:`ProfileError`, a :class:`runtime.errors.ConfigError`) names the file and the
+offending field, e.g.::
 
-    profile 'x': backends[1].options.intra_op_threads: expected int, got str
+    my-board.toml: backends[1].options.intra_op_threads: expected an integer, got string
 
-Stdlib only: this module runs on-device and must never import torch, train/ or export/.
+Fields are checked by the shared :class:`runtime.validate.Validator`.  Stdlib only (plus
+``runtime.errors`` / ``runtime.validate``, both stdlib only): this module runs on-device and
+must never import torch, train/ or export/.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
+
+from runtime.errors import ConfigError, PipelineError
+from runtime.validate import Validator, type_name
+
+from runtime.backends import BACKENDS  # the registry's; a profile lists them in its own order
+from runtime.host import normalize_arch
 
 __all__ = [
     "ARCHES",
@@ -34,38 +43,43 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 
-#: Known compile backends.  Order here is irrelevant; a profile lists them in its own
-#: order of preference.
-BACKENDS = ("onnxruntime", "tensorrt", "tvm")
 #: Normalised CPU architectures (``platform.machine()`` values are mapped onto these).
 ARCHES = ("x86_64", "aarch64")
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8", "best")
 ORT_GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 TVM_TUNING = ("none", "meta_schedule")
-_LLVM_TRIPLE_ARCH = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
 # --------------------------------------------------------------------------- errors
 
 
-class ProfileError(ValueError):
-    """A device profile could not be found, parsed or validated.
+class ProfileError(ConfigError):
+    """A device profile could not be found, parsed or validated (a ConfigError, so a ValueError).
 
-    ``str(err)`` is a single line of the form ``profile 'NAME': FIELD: MESSAGE``.
+    ``str(err)`` is a single line ``FILE: FIELD: MESSAGE``, or ``profile 'NAME': FIELD:
+    MESSAGE`` when the profile has no file (a dict given to :func:`validate_profile`).
+    ``profile`` is the profile's name, ``field`` the path of the bad field ("" for file-level
+    problems), ``message`` (= ``reason``) the message without the prefix; ``file`` the file
+    label (or the ``profile 'NAME'`` label).
     """
 
-    def __init__(self, profile: str | None, field: str | None, message: str):
+    def __init__(self, profile: str | None, field: str | None, message: str, *,
+                 file: object = None):
         self.profile = profile
-        self.field = field
         self.message = message
-        parts = []
-        if profile is not None:
-            parts.append(f"profile '{profile}'")
-        if field:
-            parts.append(field)
-        parts.append(message)
-        super().__init__(": ".join(parts))
+        label = None
+        if file is not None:
+            label = str(file)
+        elif profile is not None:
+            label = f"profile '{profile}'"
+        self.file = label or "device profile"
+        self.field = field or ""
+        self.reason = message
+        PipelineError.__init__(self, ": ".join([x for x in (label, field) if x] + [message]))
+
+    def __reduce__(self):  # picklable whatever the subclass's constructor takes
+        return (_rebuild, (type(self), self.__dict__.copy(), self.args))
 
 
 class ProfileNotFoundError(ProfileError, LookupError):
@@ -74,6 +88,13 @@ class ProfileNotFoundError(ProfileError, LookupError):
     def __init__(self, message: str, available: Iterable[str] = ()):
         self.available = list(available)
         super().__init__(None, None, message)
+
+
+def _rebuild(cls, state, args):
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 # --------------------------------------------------------------------- dataclasses
@@ -260,40 +281,33 @@ def _asdict(obj: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- validation
 
-_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "table"}
-
-
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "none"
-    for t, n in _TYPE_NAMES.items():
-        if type(value) is t:  # noqa: E721  exact: bool must not pass as int
-            return n
-    return type(value).__name__
+    return type_name(value)
 
 
-class _Checker:
-    """Reads typed fields out of a raw dict, raising ProfileError naming the field."""
+def _bound(x: float) -> float:
+    """0.0 -> 0, so a message reads ``> 0`` rather than ``> 0.0``."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
 
-    def __init__(self, label: str):
+
+class _Checker(Validator):
+    """Reads typed fields out of a raw dict, raising ProfileError naming the file and field."""
+
+    def __init__(self, label: str, file: str | None = None):
         self.label = label
-
-    def fail(self, path: str, message: str) -> None:
-        raise ProfileError(self.label, path, message)
+        super().__init__(file or label,
+                         lambda _src, path, reason: ProfileError(label, path, reason, file=file))
 
     def table(self, raw: Any, path: str) -> dict:
         if not isinstance(raw, dict):
-            self.fail(path, f"expected table, got {_type_name(raw)}")
+            self.fail(path, f"expected an object (a TOML table), got {type_name(raw)}")
         return raw
 
     def unknown(self, table: Mapping, allowed: Iterable[str], prefix: str) -> None:
-        allowed = list(allowed)
+        allowed = sorted(allowed)
         for key in table:
             if key not in allowed:
-                self.fail(
-                    _join(prefix, key),
-                    f"unknown field (expected one of: {', '.join(sorted(allowed))})",
-                )
+                self.fail(_join(prefix, key), f"unknown key (allowed: {', '.join(allowed)})")
 
     def get(
         self,
@@ -315,47 +329,25 @@ class _Checker:
                 self.fail(path, "missing required field")
             return default
         value = table[key]
-        value = self._typed(value, kind, path)
-        if choices is not None and value not in choices:
-            self.fail(path, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
-        if minimum is not None and isinstance(value, (int, float)):
-            if exclusive_min and not value > minimum:
-                self.fail(path, f"must be > {_num(minimum)}, got {_num(value)}")
-            if not exclusive_min and value < minimum:
-                self.fail(path, f"must be >= {_num(minimum)}, got {_num(value)}")
-        if maximum is not None and isinstance(value, (int, float)) and value > maximum:
-            self.fail(path, f"must be <= {_num(maximum)}, got {_num(value)}")
-        return value
-
-    def _typed(self, value: Any, kind: str, path: str) -> Any:
-        got = _type_name(value)
+        lo = None if minimum is None else _bound(minimum)
+        hi = None if maximum is None else _bound(maximum)
         if kind == "int":
-            if got != "int":
-                self.fail(path, f"expected int, got {got}")
-            return value
+            if exclusive_min and lo is not None:
+                return self.int_(value, path, lo=int(lo) + 1, hi=hi)
+            return self.int_(value, path, lo=lo, hi=hi)
         if kind == "float":
-            if got not in ("int", "float"):
-                self.fail(path, f"expected number, got {got}")
-            return float(value)
+            return self.num(value, path, lo=lo, lo_open=exclusive_min, hi=hi)
         if kind == "str":
-            if got != "str":
-                self.fail(path, f"expected str, got {got}")
+            value = self.str_(value, path, allow_empty=True)
+            if choices is not None:
+                self.enum(value, path, tuple(choices))
             return value
         if kind == "bool":
-            if got != "bool":
-                self.fail(path, f"expected bool, got {got}")
-            return value
+            return self.bool_(value, path)
         if kind == "str_list":
-            if got != "list":
-                self.fail(path, f"expected list of str, got {got}")
-            for i, item in enumerate(value):
-                if _type_name(item) != "str":
-                    self.fail(f"{path}[{i}]", f"expected str, got {_type_name(item)}")
-            return list(value)
+            return self.list_of(value, path, lambda x, p: self.str_(x, p, allow_empty=True))
         if kind == "table":
-            if got != "table":
-                self.fail(path, f"expected table, got {got}")
-            return value
+            return self.table(value, path)
         raise AssertionError(kind)
 
 
@@ -400,9 +392,11 @@ def validate_profile(raw: Mapping[str, Any], source: str | None = None) -> Profi
     :mod:`devices.registry`).  Raises :class:`ProfileError` naming the first bad field.
     """
     label = _label(raw, source)
-    c = _Checker(label)
+    file = source if source is not None else (
+        raw.get("source") if isinstance(raw, Mapping) and isinstance(raw.get("source"), str) else None)
+    c = _Checker(label, file)
     if not isinstance(raw, Mapping):
-        raise ProfileError(label, None, f"expected a table at top level, got {_type_name(raw)}")
+        c.fail("", f"expected a table at top level, got {_type_name(raw)}")
     raw = dict(raw)
     c.unknown(raw, _TOP_KEYS, "")
 
@@ -666,7 +660,7 @@ def _tvm_target(c: _Checker, t: dict, p: str, arch: str, hw: Hardware, top: bool
     if kind in ("llvm", "c"):
         triple = out.get("mtriple")
         if triple is not None:
-            t_arch = _LLVM_TRIPLE_ARCH.get(triple.split("-", 1)[0])
+            t_arch = normalize_arch(triple.split("-", 1)[0])
             if t_arch != arch:
                 c.fail(_join(p, "mtriple"), f"{triple!r} does not match arch {arch!r}")
         if "host" in t:

@@ -48,6 +48,7 @@ from devices.registry import load_profile
 from runtime.bundle import Bundle
 from runtime.executor import SegmentExecutor
 from runtime.manifest import RUNTIME_BACKENDS, LatencyEntry, Manifest, utc_now_iso
+from runtime.errors import UsageError
 
 __all__ = [
     "MeasureSettings",
@@ -222,13 +223,13 @@ def resolve_device(manifest: Manifest, device: Optional[str] = None,
 def _require_host(profile: Profile, fp: dict) -> None:
     arch = fp.get("arch")
     if profile.arch != arch:
-        raise ValueError(f"refusing to record MEASURED latency under device {profile.name!r}: "
+        raise UsageError(f"refusing to record MEASURED latency under device {profile.name!r}: "
                          f"that profile is {profile.arch} and this machine is {arch} "
                          f"({_host_line(fp)}); profile on the device itself, or use "
                          "--estimate-only for a roofline estimate")
     missing = sorted(set(profile.hardware.isa) - set(fp.get("isa") or ()))
     if missing:
-        raise ValueError(f"refusing to record MEASURED latency under device {profile.name!r}: "
+        raise UsageError(f"refusing to record MEASURED latency under device {profile.name!r}: "
                          f"this machine lacks its ISA feature(s) {', '.join(missing)}; profile "
                          "on the device itself, or use --estimate-only")
 
@@ -264,7 +265,7 @@ def _choose(bundle: Bundle, profile: Profile, backend: Optional[str], target: Op
             progress: Progress) -> _Choice:
     m = bundle.manifest
     if backend is not None and backend not in RUNTIME_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} (expected one of: "
+        raise UsageError(f"unknown backend {backend!r} (expected one of: "
                          f"{', '.join(RUNTIME_BACKENDS)})")
     order = [backend] if backend else list(dict.fromkeys(
         [b for b in profile.backend_order() if b in RUNTIME_BACKENDS] + list(RUNTIME_BACKENDS)))
@@ -284,10 +285,10 @@ def _choose(bundle: Bundle, profile: Profile, backend: Optional[str], target: Op
             return _Choice(run_b, t, b, ex)
     have = ", ".join(f"{b}/{t}" for b, t in m.available_targets()) or "none"
     if failures:
-        raise ValueError(f"{bundle.manifest_path}: no backend of this bundle runs here: "
+        raise UsageError(f"{bundle.manifest_path}: no backend of this bundle runs here: "
                          + "; ".join(failures))
     want = backend + (f"/{target}" if target else "") if backend else "any runtime backend"
-    raise ValueError(f"{bundle.manifest_path}: no artifacts for {want} covering every piece "
+    raise UsageError(f"{bundle.manifest_path}: no artifacts for {want} covering every piece "
                      f"(bundle has: {have})")
 
 

@@ -32,6 +32,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as _toml  # type: ignore[no-redef]
 
 from . import host as _host
+from runtime.validate import type_name
+
 from .profile import Profile, ProfileError, ProfileNotFoundError, validate_profile
 
 __all__ = [
@@ -96,7 +98,7 @@ def _read_toml(path: Path) -> dict:
     try:
         st = path.stat()
     except OSError as e:
-        raise ProfileError(None, None, f"profile file '{path}': {e.strerror or e}") from None
+        raise ProfileError(None, None, f"{e.strerror or e}", file=path) from None
     hit = _cache.get(path)
     if hit and hit[0] == st.st_mtime and hit[1] == st.st_size:
         return copy.deepcopy(hit[2])
@@ -104,9 +106,9 @@ def _read_toml(path: Path) -> dict:
         with open(path, "rb") as f:
             data = _toml.load(f)
     except _toml.TOMLDecodeError as e:
-        raise ProfileError(None, None, f"profile file '{path}': invalid TOML: {e}") from None
+        raise ProfileError(None, None, f"invalid TOML: {e}", file=path) from None
     except OSError as e:
-        raise ProfileError(None, None, f"profile file '{path}': {e.strerror or e}") from None
+        raise ProfileError(None, None, f"{e.strerror or e}", file=path) from None
     _cache[path] = (st.st_mtime, st.st_size, data)
     return copy.deepcopy(data)
 
@@ -200,7 +202,8 @@ def load_profile(
             raise _not_found(spec, user_dirs)
         path = entry.path
     if param is not None and compute_capability is not None and param != compute_capability:
-        raise ProfileError(spec, None, f"compute capability given twice ({param!r} and {compute_capability!r})")
+        raise ProfileError(spec, None, f"compute capability given twice ({param!r} and {compute_capability!r})",
+                           file=_source(path))
     raw = _resolve(path, user_dirs, chain=())
     raw = _detect(raw, path, compute_capability if compute_capability is not None else param)
     return validate_profile(raw, source=_source(path))
@@ -223,7 +226,8 @@ def list_profiles(
     for p in seen.values():
         for key in (p.name, *p.aliases):
             if key in owners and owners[key] != p.name:
-                raise ProfileError(p.name, "aliases", f"'{key}' is already used by profile '{owners[key]}'")
+                raise ProfileError(p.name, "aliases", f"'{key}' is already used by profile '{owners[key]}'",
+                                   file=p.source)
             owners[key] = p.name
     return [seen[n] for n in sorted(seen)]
 
@@ -239,26 +243,27 @@ def _resolve(path: Path, user_dirs: Any, chain: tuple[Path, ...]) -> dict:
     """Read ``path`` and apply its ``extends`` chain (deep merge, child wins)."""
     if path in chain:
         loop = " -> ".join(p.name for p in (*chain, path))
-        raise ProfileError(_label(path), "extends", f"circular extends: {loop}")
+        raise ProfileError(_label(path), "extends", f"circular extends: {loop}", file=_source(path))
     raw = _read_toml(path)
     base_ref = raw.get("extends")
     if base_ref is None:
         return raw
     label = raw.get("name") if isinstance(raw.get("name"), str) else path.stem
+    src = _source(path)
     if not isinstance(base_ref, str):
-        raise ProfileError(label, "extends", f"expected str, got {type(base_ref).__name__}")
+        raise ProfileError(label, "extends", f"expected a string, got {type_name(base_ref)}", file=src)
     if _is_path(base_ref):
         base_path = Path(base_ref).expanduser()
         if not base_path.is_absolute():
             base_path = path.parent / base_path
         if not base_path.is_file():
-            raise ProfileError(label, "extends", f"profile file '{base_ref}' not found")
+            raise ProfileError(label, "extends", f"profile file '{base_ref}' not found", file=src)
         base_path = base_path.resolve()
     else:
         entry = _find(base_ref, user_dirs, exclude=(*chain, path))
         if entry is None:
             names = ", ".join(profile_index(user_dirs))
-            raise ProfileError(label, "extends", f"unknown profile '{base_ref}' (available: {names})")
+            raise ProfileError(label, "extends", f"unknown profile '{base_ref}' (available: {names})", file=src)
         base_path = entry.path
     base = _resolve(base_path, user_dirs, (*chain, path))
     base.pop("aliases", None)  # aliases belong to the base profile only
@@ -293,20 +298,22 @@ def _merge(base: Any, over: Any, path: str = "") -> Any:
 def _detect(raw: dict, path: Path, compute_capability: str | None) -> dict:
     mode = raw.pop("detect", None)
     label = raw.get("name") if isinstance(raw.get("name"), str) else path.stem
+    src = _source(path)
     if compute_capability is not None and mode != "nvidia-gpu":
         raise ProfileError(
-            label, None, "a compute capability can only be chosen for a profile with detect = 'nvidia-gpu'"
+            label, None, "a compute capability can only be chosen for a profile with detect = 'nvidia-gpu'",
+            file=src,
         )
     if mode is None:
         for key in ("gpu_variants", "default_compute_capability"):
             if key in raw:
-                raise ProfileError(label, key, "only valid with detect = 'nvidia-gpu'")
+                raise ProfileError(label, key, "only valid with detect = 'nvidia-gpu'", file=src)
         return raw
     if mode == "host":
         return _detect_host(raw)
     if mode == "nvidia-gpu":
-        return _detect_nvidia(raw, label, compute_capability)
-    raise ProfileError(label, "detect", f"expected one of 'host', 'nvidia-gpu', got {mode!r}")
+        return _detect_nvidia(raw, label, compute_capability, src)
+    raise ProfileError(label, "detect", f"expected one of 'host', 'nvidia-gpu', got {mode!r}", file=src)
 
 
 def _table(raw: dict, key: str) -> dict:
@@ -378,20 +385,22 @@ def _cc_key(cc: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _detect_nvidia(raw: dict, label: str, requested: str | None) -> dict:
+def _detect_nvidia(raw: dict, label: str, requested: str | None, src: str | None = None) -> dict:
     variants = raw.pop("gpu_variants", {}) or {}
     if not isinstance(variants, dict):
-        raise ProfileError(label, "gpu_variants", "expected table")
+        raise ProfileError(label, "gpu_variants", f"expected a table, got {type_name(variants)}", file=src)
     by_cc: dict[str, tuple[str, dict]] = {}
     for key, table in variants.items():
         parsed = _parse_cc(key)
         if parsed is None or not key.startswith("sm_"):
-            raise ProfileError(label, f"gpu_variants.{key}", "variant keys must look like 'sm_86'")
+            raise ProfileError(label, f"gpu_variants.{key}", "variant keys must look like 'sm_86'", file=src)
         if not isinstance(table, dict):
-            raise ProfileError(label, f"gpu_variants.{key}", "expected table")
+            raise ProfileError(label, f"gpu_variants.{key}", f"expected a table, got {type_name(table)}",
+                               file=src)
         extra = set(table) - {"hardware", "peak", "software"}
         if extra:
-            raise ProfileError(label, f"gpu_variants.{key}.{sorted(extra)[0]}", "unknown field (expected one of: hardware, peak, software)")
+            raise ProfileError(label, f"gpu_variants.{key}.{sorted(extra)[0]}",
+                               "unknown key (allowed: hardware, peak, software)", file=src)
         by_cc[parsed[0]] = (key, table)
 
     gpus = [g for g in _host.nvidia_gpus() if g.get("compute_capability")] if requested is None else []
@@ -405,13 +414,15 @@ def _detect_nvidia(raw: dict, label: str, requested: str | None) -> dict:
         if text is None:
             text = (raw.get("hardware") or {}).get("gpu_compute_capability")
         if not isinstance(text, str):
-            raise ProfileError(label, "default_compute_capability", "missing required field (detect = 'nvidia-gpu')")
+            raise ProfileError(label, "default_compute_capability", "missing required field (detect = 'nvidia-gpu')",
+                               file=src)
     raw.pop("default_compute_capability", None)
     parsed = _parse_cc(text)
     if parsed is None:
         field = "default_compute_capability" if source == "default" else None
         raise ProfileError(
-            label, field, f"invalid compute capability {text!r} (expected e.g. '8.6', '86' or 'sm_86')"
+            label, field, f"invalid compute capability {text!r} (expected e.g. '8.6', '86' or 'sm_86')",
+            file=src if field else None,
         )
     cc, suffix = parsed
     detected: dict[str, Any] = {"by": "nvidia-gpu", "compute_capability": cc, "source": source}

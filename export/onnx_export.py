@@ -25,16 +25,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from export.errors import ExportError
+
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
 BATCH_DIM = "N"
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest implemented opset (17 -> 18, not down-converted)
-
-
-class ExportError(RuntimeError):
-    """The export produced something unusable (a checker failure, a static batch axis...)."""
 
 
 @dataclass

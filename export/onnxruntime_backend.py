@@ -40,7 +40,7 @@ def saved_level(options: Mapping[str, Any]) -> str:
     return _cap(level, "basic" if gpu_first else "extended")
 
 
-def target_name(arch: str, options: Mapping[str, Any]) -> str:
+def target_for(arch: str, options: Mapping[str, Any]) -> str:
     """``x86_64-cpu`` / ``aarch64-cuda``: the artifact target for these options."""
     providers = list(options.get("providers") or ["CPUExecutionProvider"])
     first = providers[0] if providers else "CPUExecutionProvider"
@@ -78,3 +78,41 @@ def optimize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     if not out_path.is_file() or out_path.stat().st_size == 0:
         raise RuntimeError(f"onnxruntime did not write the optimised model {out_path}")
     return runtime_options(options, saved)
+
+
+# -- backend registry interface (export/backends.py) ---------------------------------------------
+
+def check_profile(profile) -> None:
+    """ONNX Runtime compiles for any profile (a base dependency: always importable)."""
+    import onnxruntime  # noqa: F401  (a base dependency)
+
+
+def target_name(profile) -> str:
+    from export.backends import artifact_id
+
+    return artifact_id(target_for(profile.arch, profile.backend("onnxruntime").options))
+
+
+def compile_piece(profile, onnx_path: Path, root: Path, piece_id: str, *, target: str,
+                  **_kw: Any) -> tuple[str, dict, str]:
+    """The ORT-optimised ONNX of one piece under ``onnxruntime/<target>/``."""
+    rel = f"onnxruntime/{target}/{piece_id}.onnx"
+    opts = optimize_onnx(onnx_path, root / rel, profile.backend("onnxruntime").options)
+    return rel, opts, f"saved at level '{opts['saved_optimization_level']}'"
+
+
+def deployment(profile, target: str):
+    """(requirements, runner options): the architecture whose CPU the graph was saved for,
+    and the profile's providers, threads and online optimisation level."""
+    from runtime.manifest import Requirements
+
+    options = profile.backend("onnxruntime").options
+    runner = {"providers": list(options.get("providers") or ["CPUExecutionProvider"]),
+              "intra_op_threads": int(options.get("intra_op_threads") or 0),
+              "inter_op_threads": int(options.get("inter_op_threads") or 0),
+              "graph_optimization_level": options.get("graph_optimization_level", "all")}
+    return Requirements(arch=None if target == "portable" else profile.arch), runner
+
+
+def can_verify_here(profile) -> bool:
+    return True

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from export.onnx_export import ExportError
+from export.errors import ExportError
 from export.segments import INPUT_NAME, LOGITS, SegmentPlan, prefix_order
 
 LOGITS_ATOL = 1e-4

@@ -23,8 +23,10 @@ from export.parity import check_chains, check_pieces, ort_runner
 from export.segments import (DEFAULT_GRANULARITY, INPUT_NAME, SegmentPlan, piece_inputs,
                              piece_macs_table, piece_params, segment_plan)
 from runtime.atomic import atomic_directory
+from runtime.errors import UsageError
 from runtime.bundle import Bundle
-from runtime.manifest import MANIFEST_NAME, Piece, Source, TensorSpec, new_manifest, save_manifest, sha256_file
+from export.manifest_builder import add_artifact_file, add_piece, new_manifest, set_execution
+from runtime.manifest import (MANIFEST_NAME, Piece, Source, TensorSpec, save_manifest, sha256_file)
 from runtime.jsonsafe import json_safe
 
 ONNX_DIR = "onnx"
@@ -84,7 +86,7 @@ def load_parity_images(state: dict, count: int, data_root: str | None = None) ->
     cfg = state.get("config") or {}
     name = info.get("name") or cfg.get("data")
     if not name:
-        raise ValueError("the checkpoint records no dataset; cannot pick real inputs for the parity check")
+        raise UsageError("the checkpoint records no dataset; cannot pick real inputs for the parity check")
     kw = dict(val_fraction=float(info.get("val_fraction", cfg.get("val_fraction", 0.1))),
               split_seed=int(info.get("split_seed", cfg.get("split_seed", 0))))
     if name == "synthetic" and isinstance(info.get("synthetic"), dict):
@@ -107,7 +109,7 @@ def load_parity_images(state: dict, count: int, data_root: str | None = None) ->
     split, split_name = (bundle.val, "val") if len(bundle.val) else (bundle.test, "test")
     n = len(split)
     if n == 0:
-        raise ValueError(f"dataset {what!r} has no validation or test images for the parity check")
+        raise UsageError(f"dataset {what!r} has no validation or test images for the parity check")
     count = max(1, min(count, n))
     idx = torch.linspace(0, n - 1, count).round().long().unique()
     images, _ = split.get_batch(idx)
@@ -134,7 +136,7 @@ def _family(model_name: str, model) -> str:
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
     if os.path.lexists(out_dir) and not overwrite:
-        raise ValueError(f"{out_dir}: already exists (pass --force / overwrite=True to replace it)")
+        raise UsageError(f"{out_dir}: already exists (pass --force / overwrite=True to replace it)")
 
 
 def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, mean: Sequence[float],
@@ -209,16 +211,16 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
             raise AssertionError("input name mismatch")
         for p in plan.pieces:
             info = infos[p.id]
-            manifest.add_piece(Piece(
+            add_piece(manifest, Piece(
                 id=p.id, kind=p.kind, stage=p.stage, skip=p.skip, returns_logits=p.returns_logits,
                 inputs=[TensorSpec(n, list(s)) for n, s in info.inputs.items()],
                 outputs=[TensorSpec(n, list(s)) for n, s in info.outputs.items()],
                 macs=int(macs[p.id]), params=int(params[p.id])))
-            manifest.add_artifact_file(tmp, p.id, onnx_relpath(p.id), backend="onnx",
+            add_artifact_file(manifest, tmp, p.id, onnx_relpath(p.id), backend="onnx",
                                        target=PORTABLE_TARGET,
                                        options={"opset": info.opset, "exporter": info.exporter})
         for cfg, segs in plan.execution.items():
-            manifest.set_execution(cfg, segs)
+            set_execution(manifest, cfg, segs)
         save_manifest(manifest, tmp / MANIFEST_NAME)
         Bundle.open(tmp)  # full verification before the rename
     progress(f"wrote {out_dir} ({len(plan.pieces)} pieces, {len(plan.execution)} skip configs, "
@@ -253,7 +255,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     progress = progress or (lambda _m: None)
     check_opset(opset)
     if parity_samples < 1:
-        raise ValueError(f"parity_samples must be >= 1, got {parity_samples}")
+        raise UsageError(f"parity_samples must be >= 1, got {parity_samples}")
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -264,7 +266,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     info = state.get("dataset") or {}
     mean, std = info.get("mean"), info.get("std")
     if mean is None or std is None:
-        raise ValueError(f"{checkpoint}: the checkpoint records no dataset normalisation (mean/std)")
+        raise UsageError(f"{checkpoint}: the checkpoint records no dataset normalisation (mean/std)")
     images, note = load_parity_images(state, parity_samples, data_root)
     progress(f"model {state['model_name']} ({model.num_stages} stages, "
              f"{model.in_chans}x{model.img_size}x{model.img_size}); parity inputs: {note}")
@@ -286,7 +288,7 @@ def archive_path(bundle_dir: Path) -> Path:
 
 
 def write_archive(bundle_dir: Path, *, overwrite: bool = False, progress: Progress | None = print) -> Path:
-    from runtime.archive import pack_bundle
+    from export.archive import pack_bundle
 
     out = archive_path(Path(bundle_dir))
     _check_out(out, overwrite)

@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 from pipeline.build_config import BuildConfig, content_hash
 from runtime.jsonsafe import json_safe
+from runtime.errors import PipelineError, UsageError
 
 __all__ = ["STAGES", "BuildPaths", "StageRecord", "BuildResult", "run_build", "plan_build",
            "profile_with_threads", "code_hash", "checkpoint_path", "resolve_backends",
@@ -56,7 +57,7 @@ STATE_SCHEMA = 1
 STATE_NAME = ".build-state.json"
 
 
-class BuildError(RuntimeError):
+class BuildError(PipelineError, RuntimeError):
     """A stage failed for a reason a user can act on (one line)."""
 
 
@@ -511,13 +512,13 @@ def resolve_backends(ctx: _Ctx) -> tuple[list[str], dict[str, str]]:
             check_backend(profile, b)
         except BackendUnavailable as exc:
             if not auto:
-                raise ValueError(f"backend {b!r} cannot be compiled for {profile.name}: "
+                raise UsageError(f"backend {b!r} cannot be compiled for {profile.name}: "
                                  f"{exc}") from None
             skipped[b] = str(exc)
             continue
         chosen.append(b)
     if not chosen:
-        raise ValueError(f"nothing to compile for {profile.name}: "
+        raise UsageError(f"nothing to compile for {profile.name}: "
                          + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
     return chosen, skipped
 
@@ -594,7 +595,7 @@ def _profile_run(ctx: _Ctx, input_hash: str) -> dict:
                 shutil.copytree(paths.compiled / name, tmp / name)
         if not ctx.is_host:
             m = Bundle.open(tmp / "device", verify=False).manifest
-            order = (m.annotations.get("compile") or {}).get("backend_order") or []
+            order = list(m.deployment.backend_order) if m.deployment else []
             t0 = time.perf_counter()
             for b in order:
                 entries = estimate_bundle(tmp / "device", ctx.profile, backend=b, batches=batches)
@@ -620,12 +621,14 @@ def _calibrate_inputs(ctx: _Ctx) -> dict:
     return {"calibrate": ctx.cfg.section_dict("calibrate"),
             "profiled": {k: p[k] for k in ("device", "host") if k in p},
             "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root),
-            "code": code_hash("runtime", "pipeline/build.py", "pipeline/evaluate.py")}
+            "code": code_hash("runtime", "export/calibration.py", "export/simulate.py",
+                              "pipeline/build.py", "pipeline/evaluate.py", "pipeline/calib_set.py")}
 
 
 def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
     import numpy as np
 
+    from pipeline.calib_set import CALIB_NAME, write_calib_set
     from pipeline.evaluate import config_probabilities
     from pipeline.runtime_cmd import dataset_for_bundle, split_arrays
     from runtime.atomic import atomic_directory, atomic_write_json
@@ -646,6 +649,13 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
         log(f"calibrate on {data_name} val split ({len(y)} images) with {model.backend} "
             f"({model.target}) on this machine")
         probs = config_probabilities(model, x, batch_size=cfg.evaluate.batch_size, progress=log)
+        # the calibration set that ships beside the bundle (calib.npz; pipeline/calib_set.py)
+        meta = write_calib_set(tmp / CALIB_NAME, model.manifest, x, y, probabilities=probs,
+                               data=data_name, probabilities_from={
+                                   "backend": model.backend, "target": model.target,
+                                   "bundle": ctx.measured_bundle_dir})
+        log(f"calibration set: {meta['n_images']} images, per-exit probabilities of "
+            f"{meta['n_probabilities']} ({(tmp / CALIB_NAME).stat().st_size / 2**20:.1f} MiB)")
         del model
         model = AdaptiveModel.load(here, warn=False, warm=False)
         np.savez_compressed(tmp / "val.npz", labels=y,
@@ -669,7 +679,8 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
                 f"{rec['mean_latency_ms']:.3f} ms [{(time.perf_counter() - t0) * 1e3:.0f} ms]")
         atomic_write_json(tmp / "calibration.json", json_safe(summary))
     out = {"device": sha256_file(paths.calibrated / "device" / "manifest.json"),
-           "val": sha256_file(paths.calibrated / "val.npz")}
+           "val": sha256_file(paths.calibrated / "val.npz"),
+           "calib": sha256_file(paths.calibrated / "calib.npz")}
     if not ctx.is_host:
         out["host"] = sha256_file(paths.calibrated / "host" / "manifest.json")
     return out
@@ -678,7 +689,7 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
 def _table_backend(manifest, device: str) -> Optional[str]:
     """The first backend of the bundle's compile order with a batch-1 latency table on
     ``device`` (what the runtime on that device will use once it can)."""
-    order = (manifest.annotations.get("compile") or {}).get("backend_order") or []
+    order = list(manifest.deployment.backend_order) if manifest.deployment else []
     for b in list(order) + ["onnxruntime", "tensorrt", "tvm"]:
         if manifest.latency_group(device, b, 1):
             return b
@@ -691,8 +702,8 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
     its stopping record and annotations (the same fields `pipeline calibrate` writes)."""
     from devices.latency import segment_costs_ms
     from runtime.bundle import Bundle
-    from runtime.calibration import calibrate
-    from runtime.manifest import MANIFEST_NAME, Stopping, save_manifest, utc_now_iso
+    from export.calibration import calibrate
+    from runtime.manifest import MANIFEST_NAME, save_manifest, utc_now_iso
 
     c = ctx.cfg.calibrate
     b = Bundle.open(bdir, verify=False)
@@ -713,7 +724,7 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
         candidates = list(m.skip_configs)
     else:
         if c.skip_config not in m.skip_configs:
-            raise ValueError(f"[calibrate].skip_config {c.skip_config!r} is not a skip config of "
+            raise UsageError(f"[calibrate].skip_config {c.skip_config!r} is not a skip config of "
                              f"this model ({', '.join(m.skip_configs)})")
         candidates = [c.skip_config]
     search = []
@@ -748,13 +759,10 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
         raise BuildError(f"calibration found no skip configuration meeting the target: {search}")
     _score, cfg_, res = best
     new = m.copy()
-    stopping = res.to_stopping(created=utc_now_iso())
-    new.stopping = Stopping(rule=stopping.rule, params=json_safe(stopping.params),
-                            val_accuracy=stopping.val_accuracy,
-                            mean_latency_ms=stopping.mean_latency_ms, created=stopping.created)
+    new.stopping = res.to_stopping(created=utc_now_iso(), skip_config=cfg_,
+                                   skip_accuracy=skip_accuracy)
     source = (f"latency table ({kind}, device {device}, {backend})")
     ann = dict(new.annotations)
-    ann["skip_accuracy"] = skip_accuracy
     ann["calibration"] = json_safe({
         "rule": res.rule_name, "skip_config": cfg_, "data": data_name, "split": "val",
         "n": int(len(y)), "backend": model.backend, "target": model.target,
@@ -792,14 +800,15 @@ def archive_name(ctx: _Ctx, model_name: str) -> str:
 
 def _package_inputs(ctx: _Ctx) -> dict:
     cal = ctx.outputs["calibrate"]
-    return {"calibrated": {k: cal[k] for k in ("device", "host") if k in cal},
+    return {"calibrated": {k: cal[k] for k in ("device", "host", "calib") if k in cal},
+            "monolithic": ctx.outputs["export"]["monolithic"],
             "archive": ctx.cfg.build.archive,
-            "code": code_hash("runtime/archive.py", "runtime/atomic.py")}
+            "code": code_hash("export/archive.py", "runtime/atomic.py", "pipeline/build.py")}
 
 
 def _package_run(ctx: _Ctx, input_hash: str) -> dict:
-    from runtime.archive import pack_bundle
-    from runtime.atomic import atomic_directory
+    from export.archive import pack_bundle
+    from runtime.atomic import atomic_directory, atomic_write_bytes
     from runtime.bundle import Bundle
 
     paths, log = ctx.paths, ctx.log
@@ -814,6 +823,15 @@ def _package_run(ctx: _Ctx, input_hash: str) -> dict:
             Bundle.open(tmp, verify=True)
         log(f"wrote {paths.host} (the same weights for this machine: the measured numbers)")
         out["host"] = sha256_file(paths.host / "manifest.json")
+    calib = paths.root / "calib.npz"  # the calibration set, beside the bundle(s)
+    atomic_write_bytes(calib, (paths.calibrated / "calib.npz").read_bytes())
+    out["calib"] = sha256_file(calib)
+    log(f"wrote {calib} (calibration set for `pipeline calibrate/benchmark` on the device; "
+        f"{calib.stat().st_size / 2**20:.1f} MiB)")
+    mono = paths.root / "monolithic.onnx"  # the static baseline `pipeline benchmark` compares
+    atomic_write_bytes(mono, paths.monolithic.read_bytes())
+    out["monolithic"] = sha256_file(mono)
+    log(f"wrote {mono} (the whole model as one graph: the baseline of `pipeline benchmark`)")
     for old in paths.root.glob("*.tar.gz"):
         old.unlink()
     if ctx.cfg.build.archive:
@@ -832,6 +850,10 @@ def _package_ok(ctx: _Ctx, out: dict) -> bool:
     ok = _bundle_ok(p.bundle, out.get("device"))
     if "host" in out:
         ok = ok and _bundle_ok(p.host, out["host"])
+    calib = p.root / "calib.npz"
+    ok = ok and calib.is_file() and sha256_file(calib) == out.get("calib")
+    mono = p.root / "monolithic.onnx"
+    ok = ok and mono.is_file() and sha256_file(mono) == out.get("monolithic")
     if out.get("archive"):
         arc = p.root / out["archive"]
         ok = ok and arc.is_file() and sha256_file(arc) == out.get("archive_sha256")
@@ -976,7 +998,7 @@ def _device_estimate(ctx: _Ctx, probs: dict, y, mono_macs: int) -> dict:
     cal = m.annotations.get("calibration") or {}
     cfg_ = cal.get("skip_config") or "F" * S
     rule = rule_from_stopping(m.stopping)
-    order = (m.annotations.get("compile") or {}).get("backend_order") or []
+    order = list(m.deployment.backend_order) if m.deployment else []
     for b in order:
         if not m.latency_group(dev, b, 1):
             continue
@@ -1039,7 +1061,9 @@ _STAGE_FNS = {
     "calibrate": (_calibrate_inputs, _calibrate_run,
                   lambda ctx, out: _bundles_ok(ctx.paths.calibrated, out)
                   and (ctx.paths.calibrated / "val.npz").is_file()
-                  and sha256_file(ctx.paths.calibrated / "val.npz") == out.get("val")),
+                  and sha256_file(ctx.paths.calibrated / "val.npz") == out.get("val")
+                  and (ctx.paths.calibrated / "calib.npz").is_file()
+                  and sha256_file(ctx.paths.calibrated / "calib.npz") == out.get("calib")),
     "package": (_package_inputs, _package_run, _package_ok),
     "evaluate": (_evaluate_inputs, _evaluate_run, _evaluate_ok),
     "report": (_report_inputs, _report_run, _report_ok),

@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from runtime.errors import ConfigError
+from runtime.validate import Validator, type_name
+
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -37,17 +40,13 @@ __all__ = ["BuildSection", "ExportSection", "ProfileSection", "CalibrateSection"
            "EvaluateSection", "AcceptanceSection", "BuildConfig", "load_build_file",
            "build_config", "dump_toml", "content_hash", "SECTIONS", "RULES_FOR_CURVES"]
 
-BACKENDS = ("onnxruntime", "tvm", "tensorrt")
+from runtime.backends import BACKENDS  # noqa: E402  (the registry's)
 RULES_FOR_CURVES = ("max_prob", "entropy", "patience", "lookahead")
 PROFILE_MODES = ("quick", "standard", "full")
 
 
-def _fail(where: str, msg: str) -> None:
-    raise ValueError(f"build config: {where}: {msg}")
-
-
-def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+def _v(v: Optional[Validator]) -> Validator:
+    return v if v is not None else Validator("build config")
 
 
 @dataclass
@@ -62,32 +61,26 @@ class BuildSection:
     threads: int = 1                  # ONNX Runtime intra-op threads of the bundle run on this
                                       # host (0: the profile's, all usable cores); see docs/build.md
 
-    def validate(self) -> None:
-        if not isinstance(self.device, str) or not self.device.strip():
-            _fail("[build].device", f"expected a device profile name, got {self.device!r}")
-        if not isinstance(self.out, str) or not self.out:
-            _fail("[build].out", f"expected a directory, got {self.out!r}")
-        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
-            _fail("[build].checkpoint", f"expected a path, got {self.checkpoint!r}")
+    def validate(self, v: Optional[Validator] = None, p: str = "build") -> None:
+        v = _v(v)
+        v.str_(self.device.strip() if isinstance(self.device, str) else self.device, f"{p}.device")
+        v.str_(self.out, f"{p}.out")
+        v.opt_str(self.checkpoint, f"{p}.checkpoint")
         if isinstance(self.backends, str):
             if self.backends != "auto":
-                parts = [p.strip() for p in self.backends.split(",") if p.strip()]
+                parts = [b.strip() for b in self.backends.split(",") if b.strip()]
                 self.backends = parts
         if not isinstance(self.backends, str):
             if not isinstance(self.backends, (list, tuple)) or not self.backends:
-                _fail("[build].backends",
-                      f"expected \"auto\" or a non-empty list, got {self.backends!r}")
-            bad = [b for b in self.backends if b not in BACKENDS]
-            if bad:
-                _fail("[build].backends", f"unknown backend(s) {', '.join(map(str, bad))}; known: "
-                      f"{', '.join(BACKENDS)} (or \"auto\")")
+                v.fail(f"{p}.backends", f"expected \"auto\" or a non-empty list, got "
+                                        f"{type_name(self.backends)}")
+            for i, b in enumerate(self.backends):
+                v.check(b in BACKENDS, f"{p}.backends[{i}]",
+                        f"unknown backend {b!r}; known: {', '.join(BACKENDS)} (or \"auto\")")
             self.backends = list(dict.fromkeys(self.backends))
-        for name in ("tune_trials", "threads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                _fail(f"[build].{name}", f"expected an integer >= 0, got {v!r}")
-        if not isinstance(self.archive, bool):
-            _fail("[build].archive", f"expected true or false, got {self.archive!r}")
+        v.int_(self.tune_trials, f"{p}.tune_trials", lo=0)
+        v.int_(self.threads, f"{p}.threads", lo=0)
+        v.bool_(self.archive, f"{p}.archive")
 
 
 @dataclass
@@ -98,16 +91,12 @@ class ExportSection:
     exporter: str = "torchscript"     # torchscript | dynamo
     parity_samples: int = 64
 
-    def validate(self) -> None:
-        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 17:
-            _fail("[export].opset", f"expected an integer >= 17, got {self.opset!r}")
-        if self.granularity not in ("stage", "split"):
-            _fail("[export].granularity", f"expected 'stage' or 'split', got {self.granularity!r}")
-        if self.exporter not in ("torchscript", "dynamo"):
-            _fail("[export].exporter", f"expected 'torchscript' or 'dynamo', got {self.exporter!r}")
-        if isinstance(self.parity_samples, bool) or not isinstance(self.parity_samples, int) \
-                or self.parity_samples < 1:
-            _fail("[export].parity_samples", f"expected an integer >= 1, got {self.parity_samples!r}")
+    def validate(self, v: Optional[Validator] = None, p: str = "export") -> None:
+        v = _v(v)
+        v.int_(self.opset, f"{p}.opset", lo=17)
+        v.enum(self.granularity, f"{p}.granularity", ("stage", "split"))
+        v.enum(self.exporter, f"{p}.exporter", ("torchscript", "dynamo"))
+        v.int_(self.parity_samples, f"{p}.parity_samples", lo=1)
 
 
 @dataclass
@@ -116,20 +105,19 @@ class ProfileSection:
     mode: str = "standard"            # quick | standard | full (devices.profiler settings)
     batches: list = field(default_factory=lambda: [1])
 
-    def validate(self) -> None:
-        if self.mode not in PROFILE_MODES:
-            _fail("[profile].mode", f"expected one of {', '.join(PROFILE_MODES)}, got {self.mode!r}")
-        if not isinstance(self.batches, (list, tuple)) or not self.batches or any(
-                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
-            _fail("[profile].batches", f"expected a list of integers >= 1, got {self.batches!r}")
-        self.batches = sorted(set(self.batches))
-        if 1 not in self.batches:
-            _fail("[profile].batches", "must include 1 (the stopping rule and the report use batch 1)")
+    def validate(self, v: Optional[Validator] = None, p: str = "profile") -> None:
+        v = _v(v)
+        v.enum(self.mode, f"{p}.mode", PROFILE_MODES)
+        batches = list(self.batches) if isinstance(self.batches, tuple) else self.batches
+        batches = v.list_of(batches, f"{p}.batches", lambda x, q: v.int_(x, q, lo=1), min_len=1)
+        self.batches = sorted(set(batches))
+        v.check(1 in self.batches, f"{p}.batches",
+                "must include 1 (the stopping rule and the report use batch 1)")
 
 
 @dataclass
 class CalibrateSection:
-    """Stopping-rule calibration on the validation split (runtime.calibration.calibrate)."""
+    """Stopping-rule calibration on the validation split (export.calibration.calibrate)."""
     rule: str = "max_prob"            # max_prob | entropy | patience | lookahead | full
     max_drop: float = 0.5             # accuracy points vs full depth
     mean_budget_ms: Optional[float] = None  # target mean latency instead of max_drop
@@ -138,27 +126,19 @@ class CalibrateSection:
                                       # "full" (FF..F); or one, e.g. "FTF"
     limit: int = 0                    # validation images (0: all)
 
-    def validate(self) -> None:
+    def validate(self, v: Optional[Validator] = None, p: str = "calibrate") -> None:
         from runtime.rules import RULES
 
-        if self.rule not in RULES:
-            _fail("[calibrate].rule", f"unknown rule {self.rule!r}; known: {', '.join(RULES)}")
-        if not _is_num(self.max_drop) or not 0 <= float(self.max_drop) <= 100:
-            _fail("[calibrate].max_drop",
-                  f"expected accuracy points in [0, 100], got {self.max_drop!r}")
-        if self.mean_budget_ms is not None and (not _is_num(self.mean_budget_ms)
-                                                or float(self.mean_budget_ms) <= 0):
-            _fail("[calibrate].mean_budget_ms", f"expected a number > 0, got {self.mean_budget_ms!r}")
-        if self.risk_delta is not None and (not _is_num(self.risk_delta)
-                                            or not 0 < float(self.risk_delta) < 1):
-            _fail("[calibrate].risk_delta", f"expected a number in (0, 1), got {self.risk_delta!r}")
-        if not isinstance(self.skip_config, str) or not (
-                self.skip_config in ("full", "auto") or (self.skip_config
-                                                         and set(self.skip_config) <= {"F", "T"})):
-            _fail("[calibrate].skip_config", "expected \"full\", \"auto\" or a string of F/T per "
-                  f"stage, got {self.skip_config!r}")
-        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
-            _fail("[calibrate].limit", f"expected an integer >= 0, got {self.limit!r}")
+        v = _v(v)
+        v.enum(self.rule, f"{p}.rule", RULES)
+        v.num(self.max_drop, f"{p}.max_drop", lo=0, hi=100)
+        v.opt_num(self.mean_budget_ms, f"{p}.mean_budget_ms", lo=0, lo_open=True)
+        v.opt_num(self.risk_delta, f"{p}.risk_delta", lo=0, lo_open=True, hi=1, hi_open=True)
+        v.str_(self.skip_config, f"{p}.skip_config")
+        v.check(self.skip_config in ("full", "auto") or set(self.skip_config) <= {"F", "T"},
+                f"{p}.skip_config", "expected \"full\", \"auto\" or a string of F/T per stage, "
+                f"got {self.skip_config!r}")
+        v.int_(self.limit, f"{p}.limit", lo=0)
 
 
 @dataclass
@@ -174,30 +154,18 @@ class EvaluateSection:
     batch_threads: int = 1            # ONNX Runtime threads for those batches (0: usable cores)
     warmup: int = 50                  # untimed batch-1 calls of each measured variant first
 
-    def validate(self) -> None:
-        from runtime.rules import RULES
-
+    def validate(self, v: Optional[Validator] = None, p: str = "evaluate") -> None:
+        v = _v(v)
         for name in ("limit", "measure_limit", "warmup", "batch_threads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                _fail(f"[evaluate].{name}", f"expected an integer >= 0, got {v!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
-                or self.batch_size < 1:
-            _fail("[evaluate].batch_size", f"expected an integer >= 1, got {self.batch_size!r}")
-        if not isinstance(self.rules, (list, tuple)) or any(r not in RULES or r == "full"
-                                                            for r in self.rules):
-            _fail("[evaluate].rules", f"expected a list of {', '.join(RULES_FOR_CURVES)}, got "
-                  f"{self.rules!r}")
+            v.int_(getattr(self, name), f"{p}.{name}", lo=0)
+        v.int_(self.batch_size, f"{p}.batch_size", lo=1)
+        rules = list(self.rules) if isinstance(self.rules, tuple) else self.rules
+        v.list_of(rules, f"{p}.rules", lambda x, q: v.enum(x, q, RULES_FOR_CURVES))
         for name in ("max_drops", "budgets_ms"):
-            v = getattr(self, name)
-            if not isinstance(v, (list, tuple)) or any(not _is_num(x) or x < 0 for x in v):
-                _fail(f"[evaluate].{name}", f"expected a list of numbers >= 0, got {v!r}")
-        if any(b <= 0 for b in self.budgets_ms):
-            _fail("[evaluate].budgets_ms", "budgets must be > 0 ms")
-        if self.headline_budget_ms is not None and (not _is_num(self.headline_budget_ms)
-                                                    or self.headline_budget_ms <= 0):
-            _fail("[evaluate].headline_budget_ms", f"expected a number > 0, got "
-                  f"{self.headline_budget_ms!r}")
+            x = getattr(self, name)
+            x = list(x) if isinstance(x, tuple) else x
+            v.list_of(x, f"{p}.{name}", lambda y, q: v.num(y, q, lo=0, lo_open=name == "budgets_ms"))
+        v.opt_num(self.headline_budget_ms, f"{p}.headline_budget_ms", lo=0, lo_open=True)
         self.rules = list(dict.fromkeys(self.rules))
 
 
@@ -209,13 +177,11 @@ class AcceptanceSection:
     full_depth_overhead: float = 1.10  # segmented full depth <= this x the monolithic session
     budget_percentile: float = 99.0   # this percentile of the budgeted run stays within the budget
 
-    def validate(self) -> None:
-        for name in ("max_drop", "latency_ratio", "full_depth_overhead", "budget_percentile"):
-            v = getattr(self, name)
-            if not _is_num(v) or v <= 0:
-                _fail(f"[acceptance].{name}", f"expected a number > 0, got {v!r}")
-        if self.budget_percentile > 100:
-            _fail("[acceptance].budget_percentile", "expected a percentile in (0, 100]")
+    def validate(self, v: Optional[Validator] = None, p: str = "acceptance") -> None:
+        v = _v(v)
+        for name in ("max_drop", "latency_ratio", "full_depth_overhead"):
+            v.num(getattr(self, name), f"{p}.{name}", lo=0, lo_open=True)
+        v.num(self.budget_percentile, f"{p}.budget_percentile", lo=0, lo_open=True, hi=100)
 
 
 SECTIONS = ("build", "train", "export", "profile", "calibrate", "evaluate", "acceptance")
@@ -227,6 +193,32 @@ _CLASSES = {"build": BuildSection, "export": ExportSection, "profile": ProfileSe
 def _train_cls():
     from train.config import TrainConfig
     return TrainConfig
+
+
+def _tables(data: object, v: Validator) -> dict[str, dict]:
+    """Check the section names and that each section is a table; ``{section: table}``."""
+    if not isinstance(data, Mapping):
+        v.fail("", f"top level must be a table/mapping, got {type_name(data)}")
+    v.keys(dict(data), "", SECTIONS)
+    out = {}
+    for name, table in data.items():
+        table = {} if table is None else table
+        klass = _train_cls() if name == "train" else _CLASSES[name]
+        out[name] = dict(v.keys(table, name, [f.name for f in dataclasses.fields(klass)]))
+    return out
+
+
+def _sections(data: object, v: Validator) -> dict[str, Any]:
+    """Section objects (not yet validated) from ``{section: table}``; unknown keys refused."""
+    tables = _tables(data, v)
+    kw: dict[str, Any] = {}
+    for name in SECTIONS:
+        table = tables.get(name, {})
+        if name == "train":
+            kw[name] = _train_cls().from_dict(table, source=v.source, prefix="train")
+        else:
+            kw[name] = _CLASSES[name](**table)
+    return kw
 
 
 @dataclass
@@ -245,10 +237,12 @@ class BuildConfig:
             self.train = _train_cls()()
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self, source: str = "build config") -> None:
+        """Check every section; ConfigError naming ``source`` and ``section.field``."""
+        v = Validator(source)
         for name in _CLASSES:
-            getattr(self, name).validate()
-        self.train.validate()
+            getattr(self, name).validate(v, name)
+        self.train.validate(source, "train")
 
     # -- dict / TOML --------------------------------------------------------------------------
 
@@ -257,29 +251,12 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "BuildConfig":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: top level must be a table/mapping")
-        unknown = sorted(set(data) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"{source}: unknown section(s) {', '.join(f'[{u}]' for u in unknown)}; "
-                             f"known: {', '.join(f'[{s}]' for s in SECTIONS)}")
-        kw: dict[str, Any] = {}
-        for name in SECTIONS:
-            table = data.get(name) or {}
-            if not isinstance(table, Mapping):
-                raise ValueError(f"{source}: [{name}] must be a table, got {type(table).__name__}")
-            klass = _train_cls() if name == "train" else _CLASSES[name]
-            known = {f.name for f in dataclasses.fields(klass)}
-            bad = sorted(set(table) - known)
-            if bad:
-                raise ValueError(f"{source}: unknown key(s) in [{name}]: {', '.join(bad)}; known: "
-                                 f"{', '.join(sorted(known))}")
-            try:
-                kw[name] = klass(**dict(table))
-            except TypeError as exc:
-                raise ValueError(f"{source}: [{name}]: {exc}") from None
-            except ValueError as exc:
-                raise ValueError(f"{source}: {exc}") from None
+        """Build from ``{section: table}``; unknown sections or keys, wrong types and values out
+        of range raise ConfigError naming ``source`` and ``section.key``."""
+        v = Validator(source)
+        kw = _sections(data, v)
+        for name in _CLASSES:
+            kw[name].validate(v, name)
         return cls(**kw)
 
     def to_toml(self, header: str = "") -> str:
@@ -323,25 +300,25 @@ def load_build_file(path: str | Path) -> dict[str, Any]:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: invalid TOML: {exc}") from None
+            raise ConfigError(path, "", f"invalid TOML: {exc}") from None
     elif suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ModuleNotFoundError:
-            raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from None
+            raise ConfigError(path, "", "YAML configs need PyYAML (pip install pyyaml)") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+            raise ConfigError(path, "", f"invalid YAML: {' '.join(str(exc).split())}") from None
     elif suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON: {exc}") from None
+            raise ConfigError(path, "", f"invalid JSON: {exc}") from None
     else:
-        raise ValueError(f"{path}: a build config must be .toml, .yaml/.yml or .json")
+        raise ConfigError(path, "", "a build config must be .toml, .yaml/.yml or .json")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a table/mapping")
+        raise ConfigError(path, "", f"top level must be a table/mapping, got {type_name(data)}")
     return data
 
 
@@ -351,22 +328,32 @@ def build_config(file: str | Path | None = None,
 
     ``overrides``: ``{"section.key": value}`` (None values are ignored), e.g.
     ``{"build.device": "jetson", "train.epochs": 1, "evaluate.limit": 500}``.
+    The file is checked on its own first, so an error in it names the file and the field
+    (``recipe.toml: evaluate.limit: expected an integer, got string``).
     """
-    data: dict[str, dict[str, Any]] = {}
-    source = str(file) if file is not None else "options"
+    data: dict[str, Any] = {}
     if file is not None:
-        for name, table in load_build_file(file).items():
-            data[name] = dict(table) if isinstance(table, Mapping) else table
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
+        loaded = load_build_file(file)
+        v = Validator(str(file))
+        for name, table in _tables(loaded, v).items():
+            if name == "train":  # fields it sets; across fields once the options are in
+                from train.config import check_fields
+
+                check_fields(table, v, "train", partial=True)
+            else:
+                _CLASSES[name](**table).validate(v, name)
+            data[name] = table
+    given = {k: x for k, x in (overrides or {}).items() if x is not None}
+    for key, value in given.items():
         section, _, name = key.partition(".")
-        if not name:
-            raise ValueError(f"override {key!r}: expected 'section.key'")
-        table = data.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ValueError(f"{source}: [{section}] must be a table")
-        table[name] = value
+        if not name or section not in SECTIONS:
+            raise ValueError(f"override {key!r}: expected 'section.key' with a section of "
+                             f"{', '.join(SECTIONS)}")  # a programming error: callers pass these
+        data.setdefault(section, {})[name] = value
+    if file is None:
+        source = "command-line options"
+    else:
+        source = f"{file} with command-line options" if given else str(file)
     return BuildConfig.from_dict(data, source=source)
 
 

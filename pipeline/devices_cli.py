@@ -5,8 +5,9 @@
     pipeline devices host [--json]                     this machine's fingerprint
     pipeline devices estimate NAME --macs N --bytes N [--backend B] [--batch N] [--json]
 
-The lead wires it in with ``cli.add_command(devices)``.  Errors are one line on stderr
-and a non-zero exit (click.ClickException), never a traceback.
+The lead wires it in with ``cli.add_command(devices)``.  User errors (a bad or unknown
+profile: ProfileError) are one ``Error:`` line on stderr and a non-zero exit
+(pipeline.errors.PipelineGroup); a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import click
 
 from devices import host as _host
 from devices.estimate import estimate as _estimate
-from devices.profile import Profile, ProfileError
+from devices.profile import Profile
 from devices.registry import list_profiles, load_profile, user_profile_dirs
+from pipeline.errors import PipelineGroup
 
 __all__ = ["devices"]
 
@@ -72,7 +74,7 @@ def _load_all(paths: list[str]) -> list[Profile]:
     return [profiles[n] for n in sorted(profiles)]
 
 
-@click.group("devices", invoke_without_command=True)
+@click.group("devices", cls=PipelineGroup, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of full profiles).")
 @click.option(
     "--profile",
@@ -91,10 +93,7 @@ def devices(ctx: click.Context, as_json: bool, profile_paths: tuple[str, ...]) -
     ctx.meta[_META_KEY] = tuple(profile_paths)
     if ctx.invoked_subcommand is not None:
         return
-    try:
-        profiles = _load_all(list(profile_paths))
-    except (ProfileError, ValueError) as e:
-        raise _fail(e) from None
+    profiles = _load_all(list(profile_paths))
     if as_json:
         _echo_json([p.to_dict() for p in profiles])
         return
@@ -174,10 +173,7 @@ def _human(p: Profile) -> str:
 @click.pass_context
 def show(ctx: click.Context, name: str | None, as_json: bool, profile_paths: tuple[str, ...], cc: str | None) -> None:
     """Show one profile by NAME, alias or path (or the single --profile FILE)."""
-    try:
-        p = _resolve_one(name, _paths(ctx, profile_paths), cc)
-    except (ProfileError, ValueError) as e:
-        raise _fail(e) from None
+    p = _resolve_one(name, _paths(ctx, profile_paths), cc)
     if as_json:
         _echo_json(p.to_dict())
     else:
@@ -219,10 +215,10 @@ def estimate_cmd(
     cc: str | None,
 ) -> None:
     """Roofline latency ESTIMATE (not a measurement) on profile NAME."""
+    p = _resolve_one(name, _paths(ctx, profile_paths), cc)
     try:
-        p = _resolve_one(name, _paths(ctx, profile_paths), cc)
         est = _estimate(macs, bytes_moved, p, backend or p.backend_order()[0], batch)
-    except (ProfileError, ValueError) as e:
+    except ValueError as e:  # devices.estimate refuses the request (no GPU/DLA, unknown backend)
         raise _fail(e) from None
     if as_json:
         _echo_json(est.to_dict())

@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from runtime.errors import UsageError
+
 Progress = Optional[Callable[[str], None]]
 
 __all__ = ["config_probabilities", "export_monolithic", "MonolithicSession", "latency_stats",
@@ -183,7 +185,7 @@ class MonolithicSession:
         m = model.manifest
         ex = model.executor
         if ex.backend not in ("onnxruntime", "onnx"):
-            raise ValueError(f"the monolithic baseline needs an onnxruntime bundle; this one runs "
+            raise UsageError(f"the monolithic baseline needs an onnxruntime bundle; this one runs "
                              f"{ex.backend}")
         first = m.execution[m.skip_configs[0]][0][0]
         opts = {**ex.bundle.artifact(first, ex.backend, ex.target).options, **ex.options}
@@ -246,7 +248,7 @@ def _cum(table: dict, cfg: str, stat: str) -> np.ndarray:
 
 def simulate_exits(rule, probs: np.ndarray, segment_ms: Sequence[float]) -> np.ndarray:
     """The exit every sample takes under ``rule`` (exactly what the runtime decides)."""
-    from runtime.exits import first_exit_where
+    from export.simulate import first_exit_where
     from runtime.rules import StopContext
 
     return first_exit_where(rule.stop_matrix(probs, StopContext(segment_ms=list(segment_ms))))
@@ -304,7 +306,7 @@ def rule_curves(rules: Sequence[str], max_drops: Sequence[float], val_probs: np.
     many validation points ``cfg``'s own full depth is below it, so the rule gets
     ``max_drop - offset`` points of room (targets with no room are left out), as the build's
     calibration does."""
-    from runtime.calibration import calibrate
+    from export.calibration import calibrate
     from runtime.rules import make_rule
 
     cum_mean, cum_p99 = _cum(table, cfg, "mean"), _cum(table, cfg, "p99")

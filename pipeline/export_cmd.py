@@ -86,6 +86,7 @@ def engines_cmd(bundle: Path, force: bool) -> None:
     """Build the TensorRT engines of a device bundle (run this on the device itself)."""
     from export.tensorrt import TensorRTError, build_bundle_engines
     from runtime.bundle import Bundle
+    from runtime.errors import UsageError
 
     b = Bundle.open(bundle)
     pieces, options = [], None
@@ -96,15 +97,15 @@ def engines_cmd(bundle: Path, force: bool) -> None:
         art = found[0]
         opts = art.options.get("profile_options")
         if not isinstance(opts, dict):
-            raise ValueError(f"{b.manifest_path}: piece {piece.id!r}: tensorrt artifact has no "
+            raise UsageError(f"{b.manifest_path}: piece {piece.id!r}: tensorrt artifact has no "
                              "profile_options (recompile with `pipeline compile --backend tensorrt`)")
         if options is None:
             options = opts
         elif opts != options:
-            raise ValueError(f"{b.manifest_path}: tensorrt options differ between pieces")
+            raise UsageError(f"{b.manifest_path}: tensorrt options differ between pieces")
         pieces.append((piece.id, b.resolve(art.file)))
     if not pieces:
-        raise ValueError(f"{b.manifest_path}: no tensorrt artifacts in this bundle "
+        raise UsageError(f"{b.manifest_path}: no tensorrt artifacts in this bundle "
                          "(compile it with `pipeline compile --bundle B --device P --backend tensorrt`)")
     try:
         built = build_bundle_engines(b.root, options, pieces, force=force, log=_echo)

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from runtime.manifest import RUNTIME_BACKENDS
+from runtime.errors import UsageError
 
 __all__ = ["profile", "parse_batches"]
 
@@ -28,11 +29,11 @@ def parse_batches(text: str) -> list[int]:
         if not part:
             continue
         if not part.isdigit() or int(part) < 1:
-            raise ValueError(f"--batch: expected comma-separated integers >= 1, got {text!r}")
+            raise UsageError(f"--batch: expected comma-separated integers >= 1, got {text!r}")
         if int(part) not in out:
             out.append(int(part))
     if not out:
-        raise ValueError(f"--batch: expected comma-separated integers >= 1, got {text!r}")
+        raise UsageError(f"--batch: expected comma-separated integers >= 1, got {text!r}")
     return out
 
 
@@ -130,7 +131,7 @@ def _estimate(bundle_dir, backend, target, batches, device, plot_path, no_plot, 
     b = Bundle.open(bundle_dir, verify=False)
     name = device or b.manifest.device
     if name is None:
-        raise ValueError(f"{b.manifest_path}: the bundle names no device; pass --device NAME "
+        raise UsageError(f"{b.manifest_path}: the bundle names no device; pass --device NAME "
                          "with --estimate-only")
     prof = load_profile(name)
     backends = [backend] if backend else prof.backend_order()

@@ -429,7 +429,7 @@ def write_report(root: Path, *, results: dict[str, Any], cfg, profile, is_host: 
     for p in plots:
         written[p] = root / p
     trt = profile.backend("tensorrt")
-    backends = list(compile_ann.get("backend_order") or [])
+    backends = list(bundle.deployment.backend_order) if bundle.deployment else []
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "created": utc_now_iso(),

@@ -2,8 +2,11 @@
 
 All three go through :class:`runtime.AdaptiveModel` (the on-device API), so they exercise exactly
 what an app embeds: backend selection with fallback, checksums, preprocessing, early exits,
-deadlines. `run` and `calibrate` load data sets with ``train.data`` (this is pipeline/, not
-runtime/).
+deadlines. They run on the device's base install (numpy, onnxruntime, click; no torch, no PIL):
+images are read with ``runtime.images`` (PGM/PPM/.npy natively, PIL for the rest when
+installed); ``run`` and ``calibrate`` read the calibration set the build ships beside the bundle
+(``calib.npz``, ``pipeline.calib_set``), or, given ``--data`` (and with torch installed), the data
+set itself through ``train.data``.
 """
 from __future__ import annotations
 
@@ -14,11 +17,22 @@ from typing import Any, Optional
 
 import click
 import numpy as np
+
+from runtime.backends import ARTIFACT_BACKENDS as BACKENDS
+from runtime.errors import PipelineError, UsageError
+from runtime.images import NATIVE_SUFFIXES, PIL_SUFFIXES
 from runtime.jsonsafe import json_safe
 
-BACKENDS = ("onnxruntime", "tvm", "tensorrt", "onnx")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
-                  ".ppm")
+IMAGE_SUFFIXES = PIL_SUFFIXES + NATIVE_SUFFIXES
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # pragma: no cover
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,11 +60,14 @@ def _backend_options(f):
 def load_model(bundle: Path, backend: Optional[str], device: Optional[str],
                threads: Optional[int], echo=None):
     """AdaptiveModel.load with the CLI's options; reports skipped backends on stderr."""
-    from runtime.model import AdaptiveModel
+    from runtime.model import AdaptiveModel, BackendUnavailableError, UnknownDeviceError
 
     options = {"intra_op_threads": threads} if threads else None
-    model = AdaptiveModel.load(bundle, backend=backend, device=device, runner_options=options,
-                               warn=False)
+    try:
+        model = AdaptiveModel.load(bundle, backend=backend, device=device,
+                                   runner_options=options, warn=False)
+    except (BackendUnavailableError, UnknownDeviceError) as exc:
+        raise UsageError(" ".join(str(exc).split())) from None
     ch = model.choice
     if ch is not None and ch.skipped:
         for b, why in ch.skipped.items():
@@ -85,7 +102,8 @@ def dataset_for_bundle(manifest, data: Optional[str] = None, data_root: Optional
     info = ann.get("dataset") if isinstance(ann.get("dataset"), dict) else {}
     name = data or info.get("name")
     if not name:
-        raise ValueError(f"the bundle records no dataset (annotations.dataset.name); pass --data")
+        raise UsageError("the bundle records no dataset (annotations.dataset.name); pass --data "
+                           "or --npz")
     C, H, W = manifest.input.shape
     if name == "synthetic":  # the export records the synthetic data set by name only
         name = f"synthetic:classes={manifest.model.num_classes},chans={C},size={H}"
@@ -95,9 +113,9 @@ def dataset_for_bundle(manifest, data: Optional[str] = None, data_root: Optional
         kw["img_size"] = H
     ds = load_dataset(name, data_root, **kw)
     if ds.num_classes != manifest.model.num_classes or ds.in_chans != C or ds.img_size != H:
-        raise ValueError(f"data set {name!r} ({ds.num_classes} classes, {ds.in_chans}x{ds.img_size}"
-                         f"x{ds.img_size}) does not match the model ({manifest.model.num_classes} "
-                         f"classes, {C}x{H}x{W})")
+        raise UsageError(f"data set {name!r} ({ds.num_classes} classes, {ds.in_chans}x"
+                           f"{ds.img_size}x{ds.img_size}) does not match the model "
+                           f"({manifest.model.num_classes} classes, {C}x{H}x{W})")
     return name, ds
 
 
@@ -116,43 +134,45 @@ def split_arrays(split, limit: Optional[int] = None, chunk: int = 512):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _npz_option(f):
+    return click.option("--npz", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                        default=None,
+                        help="Calibration set (.npz with uint8 `images` and `labels`; default: "
+                             "the calib.npz the build writes beside the bundle).")(f)
+
+
+def calib_images(bundle: Path, manifest, npz: Optional[Path], *, what: str,
+                 required: bool = True):
+    """(calibration set, uint8 NHWC images, labels) from ``--npz`` or beside the bundle, or
+    None when ``required`` is False and there is none."""
+    from pipeline.calib_set import find_calib_set
+
+    cs = find_calib_set(bundle, npz, manifest, required=required, what=what)
+    if cs is None:
+        return None
+    if cs.images is None or len(cs.images) == 0:
+        raise UsageError(f"{cs.path}: the calibration set has no images")
+    return cs, cs.images, cs.image_labels
+
+
 # ---------------------------------------------------------------------------------------------
 # predict
 # ---------------------------------------------------------------------------------------------
 
 def read_input(path: Path, model, resize: bool = False) -> list[tuple[str, np.ndarray]]:
-    """(label, array) items from an image file (PIL) or a .npy file (one sample or a batch)."""
+    """(label, array) items from an image file (``runtime.images``: PGM/PPM natively, PIL for
+    PNG, JPEG... when installed) or a .npy file (one sample or a batch)."""
+    from runtime.images import load_image, read_npy
+
     if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a plain .npy array ({exc})") from None
+        arr = read_npy(path)
         C, H, W = model.input_shape
         single = (arr.ndim == 2 or (arr.ndim == 3 and (arr.shape[-1] == C and arr.shape[:2] == (H, W)
                                                         or arr.dtype != np.uint8)))
         if single:
             return [(str(path), arr)]
         return [(f"{path}[{i}]", a) for i, a in enumerate(arr)] if len(arr) else [(str(path), arr)]
-    from PIL import Image, UnidentifiedImageError
-
-    C, H, W = model.input_shape
-    try:
-        with Image.open(path) as im:
-            if C == 1:
-                im = im.convert("L")
-            elif C == 3:
-                im = im.convert("RGB")
-            else:
-                raise ValueError(f"{path}: the model takes {C}-channel input; pass a .npy array")
-            if im.size != (W, H):
-                if not resize:
-                    raise ValueError(f"{path}: image is {im.size[0]}x{im.size[1]} (WxH), the model "
-                                     f"expects {W}x{H}; pass --resize or resize it yourself")
-                im = im.resize((W, H), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image PIL can read (or pass a .npy array)") from None
-    return [(str(path), arr)]
+    return [(str(path), load_image(path, model.input_shape, resize=resize))]
 
 
 @click.command("predict")
@@ -169,15 +189,20 @@ def read_input(path: Path, model, resize: bool = False) -> list[tuple[str, np.nd
 def predict_cmd(bundle: Path, inputs: tuple[Path, ...], budget_ms: Optional[float],
                 rule: Optional[str], skip_config: Optional[str], resize: bool, as_json: bool,
                 backend: Optional[str], device: Optional[str], threads: Optional[int]) -> None:
-    """Classify images (PNG/JPEG/... or .npy arrays) with a bundle: class, exit, latency."""
+    """Classify images with a bundle: class, exit, latency per image.
+
+    PGM/PPM and .npy arrays (one sample or a batch) are read without PIL; PNG, JPEG and the
+    rest need PIL (pillow) installed."""
     model = load_model(bundle, backend, device, threads)
     items = [item for p in inputs for item in read_input(p, model, resize)]
     out = []
     for label, arr in items:
         try:
             pred = model.predict(arr, budget_ms=budget_ms, rule=rule, skip_config=skip_config)
+        except PipelineError:
+            raise
         except ValueError as exc:
-            raise ValueError(f"{label}: {exc}") from None
+            raise UsageError(f"{label}: {exc}") from None
         preds = pred if isinstance(pred, list) else [pred]
         for i, p in enumerate(preds):
             name = label if len(preds) == 1 else f"{label}[{i}]"
@@ -202,7 +227,9 @@ def predict_cmd(bundle: Path, inputs: tuple[Path, ...], budget_ms: Optional[floa
 
 @click.command("run")
 @_bundle_option
-@click.option("--data", default=None, help="Data set name/path/spec (default: the bundle's).")
+@_npz_option
+@click.option("--data", default=None, help="Data set name/path/spec (default: the bundle's; "
+                                           "needs torch).")
 @click.option("--data-root", default=None, help="Where the data set lives.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--budget-ms", type=click.FloatRange(min=0), default=None,
@@ -214,18 +241,32 @@ def predict_cmd(bundle: Path, inputs: tuple[Path, ...], budget_ms: Optional[floa
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_backend_options
-def run_cmd(bundle: Path, data: Optional[str], data_root: Optional[str], split: str,
-            budget_ms: Optional[float], batch: int, rule: Optional[str], skip_config: Optional[str],
-            limit: Optional[int], as_json: bool, backend: Optional[str], device: Optional[str],
-            threads: Optional[int]) -> None:
-    """Run a data split through the bundle: accuracy, exit histogram, latency percentiles."""
+def run_cmd(bundle: Path, npz: Optional[Path], data: Optional[str], data_root: Optional[str],
+            split: str, budget_ms: Optional[float], batch: int, rule: Optional[str],
+            skip_config: Optional[str], limit: Optional[int], as_json: bool,
+            backend: Optional[str], device: Optional[str], threads: Optional[int]) -> None:
+    """Run a data split through the bundle: accuracy, exit histogram, latency percentiles.
+
+    The data: --npz (a calibration set), else --data / the bundle's data set (torch installed),
+    else the calibration set beside the bundle (validation images)."""
     import time
 
     model = load_model(bundle, backend, device, threads)
-    name, ds = dataset_for_bundle(model.manifest, data, data_root)
-    x, y = split_arrays(getattr(ds, split), limit)
+    if npz is not None or (data is None and not _torch_available()):
+        if data is not None:
+            raise click.UsageError("give --npz or --data, not both")
+        _cs, x, y = calib_images(bundle, model.manifest, npz, what="run")
+        name, split = str(_cs.path), "calib"
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+    else:
+        if data is not None and not _torch_available():
+            raise UsageError("--data needs torch (the build install: pip install "
+                               "'adaptive-depth-pipeline[build]'); on a device pass --npz")
+        name, ds = dataset_for_bundle(model.manifest, data, data_root)
+        x, y = split_arrays(getattr(ds, split), limit)
     if len(y) == 0:
-        raise ValueError(f"the {split} split of {name!r} is empty")
+        raise UsageError(f"the {split} split of {name!r} is empty")
     if skip_config is not None:
         model.check_skip_config(skip_config)
     model.resolve_rule(rule)
@@ -301,8 +342,13 @@ def _segment_costs(model, cfg: str, profile_runs: int) -> tuple[list[float], str
 
 @click.command("calibrate")
 @_bundle_option
-@click.option("--data", default=None, help="Data set name/path/spec (default: the bundle's; the "
-                                           "split parameters always come from the bundle).")
+@_npz_option
+@click.option("--use-probabilities", is_flag=True,
+              help="Fit on the calibration set's per-exit probabilities (computed by the build) "
+                   "instead of running its images through the artifacts here.")
+@click.option("--data", default=None, help="Data set name/path/spec instead of a calibration "
+                                           "set (needs torch; the split parameters always come "
+                                           "from the bundle).")
 @click.option("--data-root", default=None, help="Where the data set lives.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None,
               help="Allowed validation accuracy drop vs full depth, in accuracy POINTS "
@@ -321,21 +367,25 @@ def _segment_costs(model, cfg: str, profile_runs: int) -> tuple[list[float], str
               help="First N validation images only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_backend_options
-def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
+def calibrate_cmd(bundle: Path, npz: Optional[Path], use_probabilities: bool,
+                  data: Optional[str], data_root: Optional[str],
                   max_drop: Optional[float], mean_budget_ms: Optional[float], rule: Optional[str],
                   risk_delta: Optional[float], profile_runs: int, limit: Optional[int],
                   as_json: bool, backend: Optional[str], device: Optional[str],
                   threads: Optional[int]) -> None:
-    """Fit the stopping rule on the validation split with the DEPLOYED artifacts.
+    """Fit the stopping rule on validation data with the DEPLOYED artifacts.
 
-    Runs every exit of every skip configuration on the validation split through the runtime,
-    fits the rule (runtime.calibration.calibrate) with per-segment costs from the latency table
-    (else timed here, else MACs proportions), and stores the parameters, validation accuracy
-    and mean latency in the manifest's stopping record, plus the per-configuration validation
-    accuracy (annotations.skip_accuracy, used to pick a configuration for a budget).
+    The validation data: the calibration set (--npz, default the calib.npz the build wrote
+    beside the bundle), else --data / the bundle's data set (needs torch). Runs every exit of
+    every skip configuration on it through the runtime (or, with --use-probabilities, takes the
+    per-exit probabilities the build computed), fits the rule (export.calibration.calibrate)
+    with per-segment costs from the latency table (else timed here, else MACs proportions), and
+    stores the parameters, validation accuracy and mean latency in the manifest's stopping
+    record, plus the per-configuration validation accuracy (annotations.skip_accuracy, used to
+    pick a configuration for a budget).
     """
     from runtime.bundle import Bundle
-    from runtime.calibration import calibrate
+    from export.calibration import calibrate
     from runtime.manifest import MANIFEST_NAME, Stopping, save_manifest, utc_now_iso
 
     from runtime.rules import RULES
@@ -343,17 +393,53 @@ def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
     if (max_drop is None) == (mean_budget_ms is None):
         raise click.UsageError("give exactly one of --max-drop and --mean-budget-ms")
     if rule not in RULES:
-        raise ValueError(f"unknown stopping rule {rule!r} (known: {', '.join(RULES)})")
+        raise UsageError(f"unknown stopping rule {rule!r} (known: {', '.join(RULES)})")
+    if data is not None and (npz is not None or use_probabilities):
+        raise click.UsageError("give --npz / --use-probabilities or --data, not both")
     model = load_model(bundle, backend, device, threads)
     m = model.manifest
-    name, ds = dataset_for_bundle(m, data, data_root)
-    x, y = split_arrays(ds.val, limit)
-    if len(y) == 0:
-        raise ValueError(f"data set {name!r} has no validation split (val_fraction "
-                         f"{ds.val_fraction}); calibrating on training or test data would be "
-                         "biased")
     full = "F" * m.stages if "F" * m.stages in m.skip_configs else model.default_skip_config
-    probs_by_cfg = {cfg: model.exit_probabilities(x, cfg) for cfg in m.skip_configs}
+    from pipeline.calib_set import find_calib_set
+
+    cs = None
+    if data is None:
+        cs = find_calib_set(bundle, npz, m, what="calibrate",
+                            required=use_probabilities or not _torch_available())
+    source: dict[str, Any] = {}
+    if cs is not None:
+        name = str(cs.meta.get("data") or cs.path.name)
+        source = {"calibration_set": str(cs.path), "n_split": cs.meta.get("n_split")}
+        if use_probabilities:
+            missing = [c for c in m.skip_configs if c not in cs.probabilities]
+            if missing:
+                raise UsageError(f"{cs.path}: no per-exit probabilities of "
+                                   f"{', '.join(missing)} (run without --use-probabilities to "
+                                   "compute them from its images)")
+            y = cs.probability_labels[:limit]
+            probs_by_cfg = {cfg: cs.probabilities[cfg][:, :len(y)] for cfg in m.skip_configs}
+            source.update(source="probabilities", probabilities_from=cs.meta.get(
+                "probabilities_from"))
+        else:
+            if cs.images is None or len(cs.images) == 0:
+                raise UsageError(f"{cs.path}: the calibration set has no images"
+                                   + (" (pass --use-probabilities)" if cs.probabilities else ""))
+            x, y = cs.images[:limit], cs.image_labels[:limit]
+            probs_by_cfg = {cfg: model.exit_probabilities(x, cfg) for cfg in m.skip_configs}
+            source.update(source="images")
+    else:
+        if not _torch_available():
+            raise UsageError("--data needs torch (the build install: pip install "
+                               "'adaptive-depth-pipeline[build]'); on a device pass --npz")
+        name, ds = dataset_for_bundle(m, data, data_root)
+        x, y = split_arrays(ds.val, limit)
+        if len(y) == 0:
+            raise UsageError(f"data set {name!r} has no validation split (val_fraction "
+                               f"{ds.val_fraction}); calibrating on training or test data "
+                               "would be biased")
+        probs_by_cfg = {cfg: model.exit_probabilities(x, cfg) for cfg in m.skip_configs}
+        source = {"source": "data set"}
+    if len(y) == 0:
+        raise UsageError(f"{name}: no validation rows to calibrate on")
     skip_accuracy = {cfg: float((p[-1].argmax(axis=1) == y).mean())
                      for cfg, p in probs_by_cfg.items()}
     costs, cost_source = _segment_costs(model, full, profile_runs)
@@ -376,7 +462,8 @@ def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
                             val_accuracy=stopping.val_accuracy,
                             mean_latency_ms=None if "MACs" in cost_source
                             else stopping.mean_latency_ms,
-                            created=stopping.created)
+                            created=stopping.created, skip_config=full,
+                            skip_accuracy=dict(skip_accuracy))
     ann = dict(new.annotations)
     ann["skip_accuracy"] = skip_accuracy
     ann["calibration"] = json_safe({
@@ -386,7 +473,7 @@ def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
         "max_drop": max_drop, "mean_budget_ms": mean_budget_ms, "risk_delta": risk_delta,
         "full_depth_accuracy": skip_accuracy[full], "mean_exit": result.mean_exit,
         "exit_histogram": result.exit_histogram, "requested_rule": rule,
-        "created": new.stopping.created,
+        "created": new.stopping.created, **source,
     })
     new.annotations = ann
     save_manifest(new, b.root / MANIFEST_NAME)
@@ -396,11 +483,14 @@ def calibrate_cmd(bundle: Path, data: Optional[str], data_root: Optional[str],
                "mean_latency_ms": new.stopping.mean_latency_ms,
                "full_depth_accuracy": skip_accuracy[full], "skip_config": full,
                "segment_ms": costs, "segment_ms_source": cost_source, "n": int(len(y)),
-               "exit_histogram": result.exit_histogram, "skip_accuracy": skip_accuracy}
+               "exit_histogram": result.exit_histogram, "skip_accuracy": skip_accuracy,
+               "data": name, **source}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"calibrated {result.rule_name} on {name} val split ({len(y)} images) with "
+    what = {"probabilities": "per-exit probabilities of the calibration set",
+            "images": "calibration set"}.get(source.get("source"), "val split")
+    click.echo(f"calibrated {result.rule_name} on {name} {what} ({len(y)} images) with "
                f"{model.backend} ({model.target})")
     click.echo(f"segment costs: {', '.join(f'{c:.3f}' for c in costs)}  [{cost_source}]")
     acc = new.stopping.val_accuracy

@@ -6,7 +6,8 @@
   (device, backend[, target]): per-segment and full-depth percentiles per skip config and batch
   (lookups and sums via :mod:`runtime.latency`, the one reader of the table).
 * :class:`OnlineLatency` - thread-safe recent segment timings measured while predicting
-  (measure-as-you-go when the bundle has no table).
+  (measure-as-you-go when the bundle has no table); its percentiles survive stalls (a lone
+  60 ms preemption among 0.3 ms timings counts as a "stall fence" value, see the class).
 * :class:`LatencyModel` - what the runtime asks: "how long will segment k of config c take at
   batch n?" Table first (measured or estimated; for p95/p99 the online window's figure when it is
   slower), then online measurements, then batch-1 figures scaled by n, then MAC-proportional scaling of whatever was measured; ``None`` = no idea yet.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from typing import Callable, Optional
 
@@ -25,7 +26,7 @@ import numpy as np
 from .latency import STATS, GroupEntries, check_stat, find_groups, pick_target
 
 __all__ = ["Clock", "FakeClock", "Deadline", "LatencyTable", "OnlineLatency", "LatencyModel",
-           "check_budget", "STATS"]
+           "check_budget", "stall_fence", "STATS"]
 
 #: A clock returns seconds from an arbitrary origin, monotonic (like ``time.perf_counter``).
 Clock = Callable[[], float]
@@ -33,6 +34,11 @@ Clock = Callable[[], float]
 TAIL_STATS = ("p95", "p99")
 #: Comparisons with the budget tolerate 1 ns of floating-point noise in clock differences.
 EPS_MS = 1e-6
+#: A timing is a *stall* (the thread was preempted, a worker waited for a core, the page cache
+#: was cold...) when it exceeds ``max(STALL_FACTOR x median, median + STALL_MIN_MS)`` of its
+#: window: see :class:`OnlineLatency`.
+STALL_FACTOR = 4.0
+STALL_MIN_MS = 0.5
 
 
 def check_budget(budget_ms: object) -> Optional[float]:
@@ -188,14 +194,37 @@ class LatencyTable:
         return v
 
 
+def stall_fence(ordered: list[float]) -> float:
+    """The stall fence of a sorted non-empty window: ``max(STALL_FACTOR * m, m + STALL_MIN_MS)``
+    with ``m`` its low median (``ordered[(n - 1) // 2]``: of two values, the smaller)."""
+    m = ordered[(len(ordered) - 1) // 2]
+    return max(STALL_FACTOR * m, m + STALL_MIN_MS)
+
+
 class OnlineLatency:
     """Recent durations (ms) per key, thread-safe; quantiles over the last ``window`` values.
 
-    With fewer than ``min_samples`` values a quantile is the maximum seen (conservative).
     Each key keeps its window twice: in arrival order (to drop the oldest) and sorted, so a
-    percentile is read in O(1) under the lock (numpy's default 'linear' interpolation, same
-    values as ``np.percentile``) and a record costs O(window) memmove, not a sort: the
-    deadline check and the stopping context ask for these on every call.
+    percentile is read in O(log window) under the lock and a record costs O(window) memmove,
+    not a sort: the deadline check and the stopping context ask for these on every call.
+
+    **Stalls.** On a busy or oversubscribed CPU a segment that normally takes 0.3 ms sometimes
+    takes 50-70 ms: the thread lost its core. Such a stall says nothing about how long the next
+    run of the segment will take, and no deadline decision can dodge it. A value above the
+    window's :func:`stall_fence` (4x its median, and at least 0.5 ms above it) is a stall
+    candidate. For a quantile ``q`` ("p95": 0.95), when at most ``max(1, floor((1 - q) n))`` of
+    the ``n`` values are beyond the fence -- stalls rarer than the tail the quantile describes --
+    they count *as the fence* (winsorised), so the q-quantile of the window is not a stall unless
+    stalls are at least that frequent; more of them are the distribution (a slower regime:
+    throttling, a loaded machine) and count as they are. On a full default window (256) the
+    p50-p99 are then exactly ``np.percentile`` (numpy's default 'linear' interpolation): the
+    capped values all lie beyond the two the quantile interpolates. Only short windows differ,
+    where one outlier would otherwise *be* the p95 for the first 20 values (and the maximum
+    below ``min_samples``): a stall right after start-up no longer flags the next calls.
+
+    With fewer than ``min_samples`` values a percentile other than p50 is the maximum seen
+    (conservative), a lone stall counting as the fence. "mean" is the plain mean of the window
+    (stalls are part of the average cost). :meth:`stalls` counts the values beyond the fence.
     """
 
     def __init__(self, window: int = 256, min_samples: int = 5) -> None:
@@ -238,6 +267,12 @@ class OnlineLatency:
         with self._lock:
             return list(self._data)
 
+    def stalls(self, key: tuple) -> int:
+        """How many values of ``key``'s window are beyond its :func:`stall_fence`."""
+        with self._lock:
+            s = self._sorted.get(key)
+            return len(s) - bisect_right(s, stall_fence(s)) if s else 0
+
     def stat(self, key: tuple, stat: str = "p95") -> Optional[float]:
         if stat not in STATS:
             check_stat(stat)
@@ -248,10 +283,15 @@ class OnlineLatency:
             n = len(s)
             if stat == "mean":
                 vals = np.fromiter(self._data[key], dtype=np.float64, count=n)
-            elif n < self.min_samples and stat != "p50":
-                return s[-1]
             else:
-                return _quantile_sorted(s, _QUANTILE[stat])
+                fence = stall_fence(s)
+                kept = bisect_right(s, fence)  # values beyond the fence: s[kept:]
+                if n < self.min_samples and stat != "p50":
+                    return fence if kept == n - 1 else s[-1]
+                q = _QUANTILE[stat]
+                if kept < n and n - kept <= max(1, int((1.0 - q) * n + 1e-9)):
+                    return _quantile_sorted(s, q, kept, fence)
+                return _quantile_sorted(s, q)
         return float(vals.mean())
 
     def clear(self) -> None:
@@ -265,15 +305,21 @@ class OnlineLatency:
 _QUANTILE = {s: float(s[1:]) / 100 for s in STATS if s.startswith("p")}
 
 
-def _quantile_sorted(s: list[float], q: float) -> float:
+def _quantile_sorted(s: list[float], q: float, cut: Optional[int] = None,
+                     cap: float = math.inf) -> float:
     """``np.percentile(s, 100 * q)`` (method 'linear') of an already sorted non-empty list,
-    with numpy's exact arithmetic (virtual index ``(n - 1) q``, its two-sided lerp)."""
+    with numpy's exact arithmetic (virtual index ``(n - 1) q``, its two-sided lerp).
+
+    ``cut``: the values from index ``cut`` on count as ``cap`` (winsorised stalls)."""
     n = len(s)
+    if cut is None:
+        cut = n
     v = (n - 1) * q
     if v >= n - 1:
-        return s[-1]
+        return s[-1] if cut == n else cap
     lo = math.floor(v)
-    a, b = s[lo], s[lo + 1]
+    a = s[lo] if lo < cut else cap
+    b = s[lo + 1] if lo + 1 < cut else cap
     t = v - lo
     d = b - a
     return b - d * (1 - t) if t >= 0.5 else a + d * t

@@ -4,7 +4,11 @@ Every error names the file it concerns: ``str(err)`` always starts with ``"<file
 and the file is also available as ``err.file``. ``err.reason`` is the message without
 the file prefix.
 
-    BundleError(Exception)
+    PipelineError(Exception)     an error a user caused and can fix: the CLI prints it as one line
+    +-- ConfigError (also ValueError)  a config/profile/rule value is wrong; has .field
+    +-- UsageError (also ValueError)   a bad argument or an output that already exists
+    +-- LatencyTableError (also LookupError)  no latency table/entry for what was asked
+    +-- BundleError
     +-- ManifestError            manifest.json is unreadable / invalid; has .json_path
     |   +-- UnsafePathError      (also a BundleIntegrityError, see below)
     +-- BundleIntegrityError     an artifact is missing, truncated, altered or unsafe
@@ -27,12 +31,16 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "PipelineError",
     "BundleError",
     "ManifestError",
     "BundleIntegrityError",
     "UnsafePathError",
     "ArchiveError",
     "ArtifactNotFoundError",
+    "ConfigError",
+    "UsageError",
+    "LatencyTableError",
 ]
 
 
@@ -45,7 +53,16 @@ def _name(file: object) -> str:
         return str(file)
 
 
-class BundleError(Exception):
+class PipelineError(Exception):
+    """Base of the errors a user causes and can fix (bad file, bad field, missing artifact).
+
+    The ``pipeline`` command prints these as one ``Error: ...`` line; every other exception is
+    a programming error and keeps its traceback. Other packages derive their domain errors
+    from it (export's ``ExportError``, the data loaders' ``DataError``, ...).
+    """
+
+
+class BundleError(PipelineError):
     """Base class. ``str(err) == f"{err.file}: {err.reason}"``."""
 
     def __init__(self, file: object, reason: str):
@@ -116,3 +133,30 @@ class ArchiveError(BundleError):
 
 class ArtifactNotFoundError(BundleError):
     """The manifest has no artifact for the requested piece/backend/target."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration value a user wrote is wrong: ``"<file>: <field>: <reason>"``.
+
+    Raised for build/train config files, device profiles and rule parameters (through
+    :class:`runtime.validate.Validator`). ``file``, ``field`` and ``reason`` are attributes.
+    """
+
+    def __init__(self, file: object, field: str, reason: str):
+        self.file: str = _name(file)
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{self.file}: {field}: {reason}" if field else f"{self.file}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.file, self.field, self.reason))
+
+
+class UsageError(PipelineError, ValueError):
+    """A request the user can fix: a bad argument, an output that already exists, a value out
+    of range. The message says what to change."""
+
+
+class LatencyTableError(PipelineError, LookupError):
+    """The bundle has no latency table (or entry) for what was asked: device, backend, target,
+    batch or skip configuration. ``pipeline profile`` (measured) or ``--estimate-only`` fills it."""

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.backends import PieceRunner, open_runner
+from runtime.backends import PieceRunner, open_runner, runner_options
 from runtime.bundle import Bundle
 
 #: One piece of a segment, ready to run: (runner.run, input names, output names, returns logits).
@@ -51,7 +51,9 @@ class SegmentExecutor:
         path = self.bundle.resolve(artifact.file)
         data = self.bundle.read_artifact(piece_id, self.backend, self.target)
         piece = self.manifest.piece(piece_id)
-        options = {**artifact.options, **self.options}
+        # the runner's own keys of the artifact options (v1 bundles kept them there), then the
+        # deployment record's and the caller's
+        options = {**runner_options(self.backend, artifact.options, strict=False), **self.options}
         names = dict(input_names=[t.name for t in piece.inputs],
                      output_names=[t.name for t in piece.outputs])
         if self.backend == "tensorrt":

@@ -1,4 +1,4 @@
-"""Vectorised early-exit bookkeeping over precomputed per-exit probabilities (numpy only).
+"""Per-exit statistics the stopping rules read, and cumulative latency (numpy only).
 
 Conventions: ``probs`` is (S, N, C) — softmax of exit k for sample n — or, for the per-exit
 statistics, any array whose LAST axis is the class axis. Exits are 0-based in arrays; the
@@ -10,43 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = [
-    "first_exit_where",
-    "max_prob_exits",
-    "outcome_at_exits",
-    "top_prob",
-    "top2_margin",
-    "normalised_entropy",
-    "cumulative_ms",
-    "latency_at_exits",
-]
-
-
-def first_exit_where(stop: np.ndarray) -> np.ndarray:
-    """Index of the first True along axis 0 of ``stop`` (S, N); the last exit where none is True."""
-    stop = np.asarray(stop, dtype=bool).copy()
-    stop[-1] = True
-    return stop.argmax(axis=0)
-
-
-def max_prob_exits(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
-    """Exit taken per sample when stopping at the first exit whose top probability >= threshold.
-
-    ``probs`` is (S, N, C); ``thresholds`` a scalar or one value per exit.
-    """
-    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (probs.shape[0],))
-    return first_exit_where(probs.max(axis=2) >= thresholds[:, None])
-
-
-def outcome_at_exits(probs: np.ndarray, labels: np.ndarray, exits: np.ndarray) -> dict:
-    """Accuracy, mean 1-based exit and histogram for the chosen exit of every sample."""
-    n = probs.shape[1]
-    chosen = probs[exits, np.arange(n)]
-    correct = chosen.argmax(axis=1) == labels
-    histogram = np.bincount(exits, minlength=probs.shape[0])
-    return {"accuracy": float(correct.mean()) if n else float("nan"),
-            "mean_exit": float(exits.mean() + 1) if n else float("nan"),
-            "exit_histogram": histogram.tolist()}
+__all__ = ["top_prob", "top2_margin", "normalised_entropy", "cumulative_ms"]
 
 
 # -- per-exit statistics (last axis = classes) --------------------------------------------------
@@ -84,8 +48,3 @@ def normalised_entropy(p: np.ndarray) -> np.ndarray:
 def cumulative_ms(segment_ms) -> np.ndarray:
     """Latency to reach (and evaluate) each exit: ``C_k = sum_{j <= k} segment_ms[j]``."""
     return np.cumsum(np.asarray(segment_ms, dtype=np.float64))
-
-
-def latency_at_exits(segment_ms, exits: np.ndarray) -> np.ndarray:
-    """Per-sample latency (ms) of stopping at ``exits`` (0-based): the cumulative ``C_exit``."""
-    return cumulative_ms(segment_ms)[np.asarray(exits, dtype=np.intp)]

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
+from .errors import LatencyTableError, UsageError
+
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from runtime.manifest import LatencyEntry, Manifest
 
@@ -160,16 +162,16 @@ def pick_target(targets: Iterable[str], target: Optional[str] = None, *, strict:
     """
     targets = sorted(set(targets))
     if not targets:
-        raise LookupError(f"{where} is empty")
+        raise LatencyTableError(f"{where} is empty")
     if not strict:
         return target if target in targets else targets[0]
     if target is None:
         if len(targets) > 1:
-            raise LookupError(f"{where} has several targets ({', '.join(targets)}); "
+            raise LatencyTableError(f"{where} has several targets ({', '.join(targets)}); "
                               "pass target=")
         return targets[0]
     if target not in targets:
-        raise LookupError(f"{where} has no target {target!r} (has: {', '.join(targets)})")
+        raise LatencyTableError(f"{where} has no target {target!r} (has: {', '.join(targets)})")
     return target
 
 
@@ -190,7 +192,7 @@ def select_group(manifest: "Manifest", device: str, backend: str, batch: int = 1
     found = find_groups(manifest, device=device, backend=backend, batch=batch)
     if not found:
         have = ", ".join(f"{d}/{b}/batch {n} ({k})" for d, b, n, k in latency_groups(manifest))
-        raise LookupError(f"no latency table for device {device!r}, backend {backend!r}, "
+        raise LatencyTableError(f"no latency table for device {device!r}, backend {backend!r}, "
                           f"batch {batch} (tables: {have or 'none'})")
     target = pick_target((t for _, _, t, _ in found), target,
                          where=f"latency table {device}/{backend}/batch {batch}")
@@ -228,7 +230,7 @@ def cumulative_table(manifest: "Manifest", device: str, backend: str, batch: int
             elif not missing:
                 rows.append(dict(running))
             else:
-                raise LookupError(f"latency table {device}/{backend}/batch {batch} has neither "
+                raise LatencyTableError(f"latency table {device}/{backend}/batch {batch} has neither "
                                   f"exit {k} of {cfg!r} nor piece(s) {', '.join(missing)}")
         out[cfg] = rows
     return out
@@ -249,7 +251,7 @@ def segment_costs_ms(manifest: "Manifest", device: str, backend: str, skip_confi
     """
     check_stat(stat)
     if skip_config not in manifest.execution:
-        raise ValueError(f"unknown skip config {skip_config!r} (bundle has: "
+        raise UsageError(f"unknown skip config {skip_config!r} (bundle has: "
                          f"{', '.join(manifest.skip_configs)})")
     table = cumulative_table(manifest, device, backend, batch, target=target, stats=(stat,))
     return increments(row[stat] for row in table[skip_config])

@@ -12,23 +12,8 @@ Reading::
 Every validation error names the file and the JSON path, e.g.
 ``manifest.json: pieces[2].artifacts[0].sha256: expected 64 hex chars, got 'abc'``.
 
-Building (export/)::
-
-    m = new_manifest(model_name="resnet20-ee", family="resnet", num_classes=10,
-                     params=272474, input_shape=[3, 32, 32],
-                     mean=[0.4914, 0.4822, 0.4465], std=[0.247, 0.243, 0.261],
-                     stages=3, tool_version="0.1.0")
-    m.add_piece(Piece(id="stage0.full", kind="stage", stage=0, skip=False,
-                      returns_logits=True,
-                      inputs=[TensorSpec("x", ["N", 3, 32, 32])],
-                      outputs=[TensorSpec("features", ["N", 16, 32, 32]),
-                               TensorSpec("logits", ["N", 10])],
-                      macs=1_000_000, params=10_000))
-    m.add_artifact_file(bundle_dir, "stage0.full", "onnx/stage0.full.onnx",
-                        backend="onnx", target="portable")   # computes sha256/size
-    ...
-    m.set_execution("FFF", [["stage0.full"], ["stage1.full"], ["stage2.full"]])
-    save_manifest(m, bundle_dir / "manifest.json")   # validates, then writes atomically
+Building: export/manifest_builder.py (``new_manifest``, ``add_piece``, ``add_artifact_file``,
+``set_execution``), then :func:`save_manifest` (validates, then writes atomically).
 
 Unknown keys are an ERROR at every level (a typo must not be silently ignored); free-form
 data for tools goes in ``annotations`` (top level), ``Artifact.options``,
@@ -42,15 +27,20 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NoReturn, Optional, Union
+from typing import Iterable, Optional, Union
 
 from .atomic import atomic_write_json
+# Artifact backends (BACKENDS; "onnx" is the portable ONNX file) and the backends that execute
+# them (RUNTIME_BACKENDS): the one registry's, runtime/backends.
+from .backends import ARTIFACT_BACKENDS as BACKENDS
+from .backends import BACKENDS as RUNTIME_BACKENDS
+from .backends import backend_info
 from .errors import ManifestError, UnsafePathError
+from .validate import Validator, field_path as _key, short_repr as _short, type_name as _tname
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -68,10 +58,12 @@ __all__ = [
     "Artifact",
     "Piece",
     "Stopping",
+    "Requirements",
+    "DeploymentTarget",
+    "Deployment",
     "LatencyEntry",
     "Source",
     "Manifest",
-    "new_manifest",
     "all_skip_configs",
     "load_manifest",
     "save_manifest",
@@ -81,13 +73,9 @@ __all__ = [
 ]
 
 #: Current manifest schema version. Readers accept 1..SCHEMA_VERSION; newer is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: File name of the manifest at the root of a bundle directory.
 MANIFEST_NAME = "manifest.json"
-#: Artifact backends. "onnx" is the portable ONNX file, the others are compiled/runtime forms.
-BACKENDS = ("onnx", "onnxruntime", "tvm", "tensorrt")
-#: Backends a latency can be measured/estimated for (something that executes).
-RUNTIME_BACKENDS = ("onnxruntime", "tvm", "tensorrt")
 PIECE_KINDS = ("stage", "mandatory", "skippable", "head", "segment")
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int32", "int64", "bool")
 INPUT_DTYPES = ("float32", "float16")
@@ -101,13 +89,10 @@ LOGITS = "logits"
 DYNAMIC_DIM = "N"
 MAX_STAGES = 16
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-_MAX_JSON_DEPTH = 32
-_MAX_STR = 4096
 
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,127}")
-_HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RESERVED_FILES = {MANIFEST_NAME}
+
+_CC_RE = re.compile(r"\d{1,2}\.\d{1,2}")
 
 DEFAULT_RAW_NOTE = (
     "raw input: uint8 HWC image with the model's H and W, values 0..255; the runtime "
@@ -181,189 +166,11 @@ def check_relpath(rel: object) -> Optional[str]:
     return None
 
 
-def _tname(v: object) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, (list, tuple)):
-        return "array"
-    if isinstance(v, dict):
-        return "object"
-    return type(v).__name__
-
-
-def _short(v: object, n: int = 60) -> str:
-    try:
-        r = repr(v)
-    except Exception:  # pragma: no cover - exotic objects
-        r = f"<{type(v).__name__}>"
-    return r if len(r) <= n else r[: n - 3] + "..."
-
-
-def _key(parent: str, key: object) -> str:
-    if isinstance(key, int):
-        return f"{parent}[{key}]"
-    k = str(key)
-    if _IDENT_RE.fullmatch(k):
-        return f"{parent}.{k}" if parent else k
-    return f"{parent}[{json.dumps(k, ensure_ascii=True)}]"
-
-
-class _V:
+class _V(Validator):
     """Validation context: raises ManifestError(source, json_path, reason)."""
 
     def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, path: str, reason: str) -> NoReturn:
-        raise ManifestError(self.source, path, reason)
-
-    def obj(self, v: object, path: str, required: Iterable[str],
-            optional: Iterable[str] = ()) -> dict:
-        if not isinstance(v, dict):
-            self.fail(path, f"expected an object, got {_tname(v)}")
-        required = tuple(required)
-        allowed = set(required) | set(optional)
-        for k in v:
-            if not isinstance(k, str):
-                self.fail(path, f"object key {_short(k)} is not a string")
-            if k not in allowed:
-                self.fail(_key(path, k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        for k in required:
-            if k not in v:
-                self.fail(_key(path, k), "missing required field")
-        return v
-
-    def str_(self, v: object, path: str, *, pattern: Optional[re.Pattern] = None,
-             what: str = "", allow_empty: bool = False, max_len: int = _MAX_STR) -> str:
-        if not isinstance(v, str):
-            self.fail(path, f"expected a string, got {_tname(v)}")
-        if not v and not allow_empty:
-            self.fail(path, "must not be empty")
-        if len(v) > max_len:
-            self.fail(path, f"string longer than {max_len} chars")
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            self.fail(path, "string is not valid UTF-8 (lone surrogate)")
-        if pattern is not None and not pattern.fullmatch(v):
-            self.fail(path, f"expected {what or 'pattern ' + pattern.pattern}, got {_short(v)}")
-        return v
-
-    def opt_str(self, v: object, path: str, **kw) -> Optional[str]:
-        return None if v is None else self.str_(v, path, **kw)
-
-    def enum(self, v: object, path: str, choices: Iterable[str]) -> str:
-        choices = tuple(choices)
-        if not isinstance(v, str) or v not in choices:
-            self.fail(path, f"expected one of {', '.join(repr(c) for c in choices)}, "
-                            f"got {_short(v)}")
-        return v
-
-    def int_(self, v: object, path: str, *, lo: Optional[int] = None,
-             hi: Optional[int] = None) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            self.fail(path, f"expected an integer, got {_tname(v)}")
-        if lo is not None and v < lo:
-            self.fail(path, f"expected an integer >= {lo}, got {_short(v)}")
-        if hi is not None and v > hi:
-            self.fail(path, f"expected an integer <= {hi}, got {_short(v)}")
-        return int(v)
-
-    def num(self, v: object, path: str, *, lo: Optional[float] = None,
-            hi: Optional[float] = None, lo_open: bool = False) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            self.fail(path, f"expected a number, got {_tname(v)}")
-        try:
-            f = float(v)
-        except OverflowError:
-            self.fail(path, "number out of range")
-        if not math.isfinite(f):
-            self.fail(path, f"expected a finite number, got {_short(v)}")
-        if lo is not None and (f <= lo if lo_open else f < lo):
-            self.fail(path, f"expected a number {'>' if lo_open else '>='} {lo}, got {_short(v)}")
-        if hi is not None and f > hi:
-            self.fail(path, f"expected a number <= {hi}, got {_short(v)}")
-        return f
-
-    def opt_num(self, v: object, path: str, **kw) -> Optional[float]:
-        return None if v is None else self.num(v, path, **kw)
-
-    def bool_(self, v: object, path: str) -> bool:
-        if not isinstance(v, bool):
-            self.fail(path, f"expected true or false, got {_tname(v)}")
-        return v
-
-    def list_(self, v: object, path: str, *, min_len: int = 0,
-              max_len: Optional[int] = None) -> list:
-        if not isinstance(v, list):
-            self.fail(path, f"expected an array, got {_tname(v)}")
-        if len(v) < min_len:
-            self.fail(path, f"expected at least {min_len} item(s), got {len(v)}")
-        if max_len is not None and len(v) > max_len:
-            self.fail(path, f"expected at most {max_len} item(s), got {len(v)}")
-        return v
-
-    def json_value(self, v: object, path: str, _depth: int = 0) -> JSONValue:
-        """Validate a free-form JSON value and return a deep copy."""
-        if _depth > _MAX_JSON_DEPTH:
-            self.fail(path, f"nested deeper than {_MAX_JSON_DEPTH} levels")
-        if v is None or isinstance(v, bool):
-            return v
-        if isinstance(v, int):
-            return int(v)
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                self.fail(path, "NaN/Infinity are not valid JSON")
-            return float(v)
-        if isinstance(v, str):
-            return self.str_(v, path, allow_empty=True, max_len=1 << 20)
-        if isinstance(v, list):
-            return [self.json_value(x, _key(path, i), _depth + 1) for i, x in enumerate(v)]
-        if isinstance(v, dict):
-            out = {}
-            for k, x in v.items():
-                if not isinstance(k, str):
-                    self.fail(path, f"object key {_short(k)} is not a string")
-                self.str_(k, path, allow_empty=True)
-                out[k] = self.json_value(x, _key(path, k), _depth + 1)
-            return out
-        self.fail(path, f"not a JSON value: {_tname(v)}")
-
-    def json_obj(self, v: object, path: str) -> dict:
-        if not isinstance(v, dict):
-            self.fail(path, f"expected an object, got {_tname(v)}")
-        return self.json_value(v, path)  # type: ignore[return-value]
-
-    def timestamp(self, v: object, path: str) -> str:
-        s = self.str_(v, path, max_len=64)
-        try:
-            t = _dt.datetime.fromisoformat(s)
-        except (ValueError, TypeError, OverflowError):
-            self.fail(path, f"expected an ISO 8601 time like '2025-01-31T12:00:00+00:00', "
-                            f"got {_short(s)}")
-        if t.tzinfo is None or t.utcoffset() is None:
-            self.fail(path, f"ISO time must carry a timezone offset (e.g. +00:00), got {_short(s)}")
-        return s
-
-    def opt_timestamp(self, v: object, path: str) -> Optional[str]:
-        return None if v is None else self.timestamp(v, path)
-
-    def sha256(self, v: object, path: str) -> str:
-        if not isinstance(v, str) or not _HEX64_RE.fullmatch(v):
-            self.fail(path, f"expected 64 hex chars (lowercase sha256), got {_short(v)}")
-        return v
-
-    def ident(self, v: object, path: str, what: str = "an id") -> str:
-        return self.str_(v, path, pattern=_ID_RE,
-                         what=f"{what} ([A-Za-z0-9][A-Za-z0-9_.+-]*, <= 128 chars)")
+        super().__init__(source, ManifestError)
 
 
 # ----------------------------------------------------------------------------------------
@@ -513,18 +320,6 @@ class Artifact:
                 "options": copy.deepcopy(self.options)}
 
     @classmethod
-    def from_file(cls, bundle_root: os.PathLike | str, file: str, *, backend: str,
-                  target: str, options: Optional[dict] = None) -> "Artifact":
-        """Describe ``bundle_root/file`` (must exist), computing its sha256 and size."""
-        why = check_relpath(file)
-        if why:
-            raise UnsafePathError(os.path.join(os.fspath(bundle_root), str(file)), why,
-                                  relpath=str(file), bundle=bundle_root)
-        full = Path(bundle_root) / file
-        return cls(backend=backend, target=target, file=file, sha256=sha256_file(full),
-                   size_bytes=full.stat().st_size, options=dict(options or {}))
-
-    @classmethod
     def _parse(cls, v: _V, d: object, p: str) -> "Artifact":
         d = v.obj(d, p, ("backend", "target", "file", "sha256", "size_bytes"), ("options",))
         pf = _key(p, "file")
@@ -565,18 +360,6 @@ class Piece:
     def find_artifacts(self, backend: str, target: Optional[str] = None) -> list[Artifact]:
         return [a for a in self.artifacts
                 if a.backend == backend and (target is None or a.target == target)]
-
-    def add_artifact(self, artifact: Artifact, *, replace: bool = False) -> Artifact:
-        """Attach ``artifact``; (backend, target) must be new unless ``replace``."""
-        for i, a in enumerate(self.artifacts):
-            if a.backend == artifact.backend and a.target == artifact.target:
-                if not replace:
-                    raise ValueError(f"piece {self.id!r} already has an artifact for "
-                                     f"({artifact.backend!r}, {artifact.target!r})")
-                self.artifacts[i] = artifact
-                return artifact
-        self.artifacts.append(artifact)
-        return artifact
 
     @classmethod
     def _parse(cls, v: _V, d: object, p: str, stages: int) -> "Piece":
@@ -626,40 +409,165 @@ class Piece:
 
 @dataclass(kw_only=True)
 class Stopping:
-    """Stopping rule chosen by calibration. All-empty (rule=None) before calibration."""
+    """Stopping rule chosen by calibration. All-empty (rule=None) before calibration.
+
+    ``skip_config``: the configuration the rule was calibrated for (the default one);
+    ``skip_accuracy``: validation accuracy at full depth of every skip configuration (used to
+    pick a configuration for a budget). Both schema v2; read from v1 annotations on load.
+    """
     rule: Optional[str] = None
     params: dict = field(default_factory=dict)
     val_accuracy: Optional[float] = None
     mean_latency_ms: Optional[float] = None
     created: Optional[str] = None
+    skip_config: Optional[str] = None
+    skip_accuracy: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"rule": self.rule, "params": copy.deepcopy(self.params),
                 "val_accuracy": self.val_accuracy, "mean_latency_ms": self.mean_latency_ms,
-                "created": self.created}
+                "created": self.created, "skip_config": self.skip_config,
+                "skip_accuracy": dict(self.skip_accuracy)}
 
     @property
     def calibrated(self) -> bool:
         return self.rule is not None
 
     @classmethod
-    def _parse(cls, v: _V, d: object, p: str) -> "Stopping":
+    def _parse(cls, v: _V, d: object, p: str, configs: list[str]) -> "Stopping":
         if d is None:
             return cls()
-        d = v.obj(d, p, ("rule",), ("params", "val_accuracy", "mean_latency_ms", "created"))
+        d = v.obj(d, p, ("rule",), ("params", "val_accuracy", "mean_latency_ms", "created",
+                                    "skip_config", "skip_accuracy"))
         rule = None if d["rule"] is None else v.ident(d["rule"], _key(p, "rule"), "a rule name")
+        sc = d.get("skip_config")
+        if sc is not None and sc not in configs:
+            v.fail(_key(p, "skip_config"), f"{_short(sc)} is not one of skip_configs")
+        pa = _key(p, "skip_accuracy")
+        acc = v.json_obj(d.get("skip_accuracy", {}), pa)
+        for cfg, a in acc.items():
+            if cfg not in configs:
+                v.fail(_key(pa, cfg), "not one of skip_configs")
+            v.num(a, _key(pa, cfg), lo=0.0, hi=1.0)
+        if acc and set(acc) != set(configs):
+            v.fail(pa, f"expected an accuracy for every skip config ({len(configs)}), "
+                       f"got {len(acc)}")
         s = cls(rule=rule,
                 params=v.json_obj(d.get("params", {}), _key(p, "params")),
                 val_accuracy=v.opt_num(d.get("val_accuracy"), _key(p, "val_accuracy"),
                                        lo=0.0, hi=1.0),
                 mean_latency_ms=v.opt_num(d.get("mean_latency_ms"), _key(p, "mean_latency_ms"),
                                           lo=0.0),
-                created=v.opt_timestamp(d.get("created"), _key(p, "created")))
+                created=v.opt_timestamp(d.get("created"), _key(p, "created")),
+                skip_config=sc, skip_accuracy={c: float(acc[c]) for c in configs if c in acc})
         if rule is None:
-            for k in ("params", "val_accuracy", "mean_latency_ms", "created"):
+            for k in ("params", "val_accuracy", "mean_latency_ms", "created", "skip_config",
+                      "skip_accuracy"):
                 if getattr(s, k) not in (None, {}):
                     v.fail(_key(p, k), "must be empty/null while stopping.rule is null")
         return s
+
+
+@dataclass(kw_only=True)
+class Requirements:
+    """What a (backend, target)'s artifacts need from the machine that runs them. None / empty:
+    no requirement. ``arch`` is a normalised architecture (runtime.host.ARCH_ALIASES)."""
+    arch: Optional[str] = None
+    isa: list[str] = field(default_factory=list)
+    gpu: bool = False
+    gpu_compute_capability: Optional[str] = None
+    tensorrt_major: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "isa": list(self.isa), "gpu": self.gpu,
+                "gpu_compute_capability": self.gpu_compute_capability,
+                "tensorrt_major": self.tensorrt_major}
+
+    @classmethod
+    def _parse(cls, v: _V, d: object, p: str) -> "Requirements":
+        d = v.obj(d, p, (), ("arch", "isa", "gpu", "gpu_compute_capability", "tensorrt_major"))
+        cc = d.get("gpu_compute_capability")
+        if cc is not None and not (isinstance(cc, str) and _CC_RE.fullmatch(cc)):
+            v.fail(_key(p, "gpu_compute_capability"), f"expected 'major.minor' like '8.7', "
+                                                      f"got {_short(cc)}")
+        tm = d.get("tensorrt_major")
+        return cls(arch=v.opt_str(d.get("arch"), _key(p, "arch"), max_len=32),
+                   isa=[v.str_(x, _key(_key(p, "isa"), i), max_len=64)
+                        for i, x in enumerate(v.list_(d.get("isa", []), _key(p, "isa")))],
+                   gpu=v.bool_(d.get("gpu", False), _key(p, "gpu")) or cc is not None,
+                   gpu_compute_capability=cc,
+                   tensorrt_major=None if tm is None else v.int_(tm, _key(p, "tensorrt_major"),
+                                                                 lo=1))
+
+
+@dataclass(kw_only=True)
+class DeploymentTarget:
+    """One (backend, target) the bundle can run with: what it needs and its runner options."""
+    backend: str
+    target: str
+    requires: Requirements = field(default_factory=Requirements)
+    runner_options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "target": self.target,
+                "requires": self.requires.to_dict(),
+                "runner_options": copy.deepcopy(self.runner_options)}
+
+    @classmethod
+    def _parse(cls, v: _V, d: object, p: str) -> "DeploymentTarget":
+        d = v.obj(d, p, ("backend", "target"), ("requires", "runner_options"))
+        backend = v.enum(d["backend"], _key(p, "backend"), BACKENDS)
+        po = _key(p, "runner_options")
+        opts = v.json_obj(d.get("runner_options", {}), po)
+        known = backend_info(backend).runner_options
+        for k in opts:
+            if k not in known:
+                v.fail(_key(po, k), f"unknown {backend_info(backend).name} runner option "
+                                    f"(known: {', '.join(sorted(known))})")
+        return cls(backend=backend, target=v.ident(d["target"], _key(p, "target"), "a target"),
+                   requires=Requirements._parse(v, d.get("requires", {}), _key(p, "requires")),
+                   runner_options=opts)
+
+
+@dataclass(kw_only=True)
+class Deployment:
+    """The device profile resolved at compile time: the only thing the runtime needs of it.
+
+    ``backend_order``: backends tried first to last (the portable ONNX is always the last
+    resort); ``targets``: every (backend, target) the bundle ships, the portable one included.
+    """
+    profile: str
+    backend_order: list[str]
+    targets: list[DeploymentTarget] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"profile": self.profile, "backend_order": list(self.backend_order),
+                "targets": [t.to_dict() for t in self.targets]}
+
+    def target(self, backend: str, target: str) -> Optional[DeploymentTarget]:
+        for t in self.targets:
+            if t.backend == backend and t.target == target:
+                return t
+        return None
+
+    @classmethod
+    def _parse(cls, v: _V, d: object, p: str) -> "Deployment":
+        d = v.obj(d, p, ("profile", "backend_order", "targets"))
+        pb = _key(p, "backend_order")
+        order = [v.enum(b, _key(pb, i), RUNTIME_BACKENDS)
+                 for i, b in enumerate(v.list_(d["backend_order"], pb))]
+        if len(set(order)) != len(order):
+            v.fail(pb, "a backend is listed twice")
+        pt = _key(p, "targets")
+        targets = [DeploymentTarget._parse(v, t, _key(pt, i))
+                   for i, t in enumerate(v.list_(d["targets"], pt))]
+        seen = set()
+        for i, t in enumerate(targets):
+            if (t.backend, t.target) in seen:
+                v.fail(_key(pt, i), f"duplicate target {t.backend}/{t.target}")
+            seen.add((t.backend, t.target))
+        return cls(profile=v.ident(d["profile"], _key(p, "profile"), "a device profile name"),
+                   backend_order=order, targets=targets)
 
 
 @dataclass(kw_only=True)
@@ -765,12 +673,12 @@ class Source:
 _TOP_REQUIRED = ("schema_version", "model", "input", "class_names", "stages", "skip_configs",
                  "exits", "pieces", "execution", "stopping", "latency", "device", "created",
                  "tool_version", "source")
-_TOP_OPTIONAL = ("annotations",)
+_TOP_OPTIONAL = ("annotations", "deployment")
 
 
 @dataclass(kw_only=True)
 class Manifest:
-    """The whole manifest. Build with :func:`new_manifest`, read with :func:`load_manifest`.
+    """The whole manifest. Build with export.manifest_builder, read with :func:`load_manifest`.
 
     Mutable on purpose (export/ fills it incrementally); :meth:`validate` checks it,
     :func:`save_manifest` validates before writing.
@@ -790,6 +698,7 @@ class Manifest:
     device: Optional[str] = None
     source: Source = field(default_factory=Source)
     annotations: dict = field(default_factory=dict)
+    deployment: Optional[Deployment] = None
     schema_version: int = SCHEMA_VERSION
 
     # -- (de)serialisation ----------------------------------------------------------------
@@ -813,6 +722,7 @@ class Manifest:
             "tool_version": self.tool_version,
             "source": self.source.to_dict(),
             "annotations": copy.deepcopy(self.annotations),
+            "deployment": None if self.deployment is None else self.deployment.to_dict(),
         }
 
     def to_json(self, *, indent: Optional[int] = 2) -> str:
@@ -888,27 +798,6 @@ class Manifest:
             s = {(a.backend, a.target) for a in p.artifacts}
             pairs = s if pairs is None else pairs & s
         return sorted(pairs or ())
-
-    # -- incremental building (export/) -----------------------------------------------------
-
-    def add_piece(self, piece: Piece) -> Piece:
-        """Append a piece; its id must be new (ValueError otherwise)."""
-        if any(p.id == piece.id for p in self.pieces):
-            raise ValueError(f"duplicate piece id {piece.id!r}")
-        self.pieces.append(piece)
-        return piece
-
-    def add_artifact_file(self, bundle_root: os.PathLike | str, piece_id: str, file: str, *,
-                          backend: str, target: str, options: Optional[dict] = None,
-                          replace: bool = False) -> Artifact:
-        """Hash ``bundle_root/file`` and attach it to ``piece_id`` as (backend, target)."""
-        art = Artifact.from_file(bundle_root, file, backend=backend, target=target,
-                                 options=options)
-        return self.piece(piece_id).add_artifact(art, replace=replace)
-
-    def set_execution(self, skip_config: str, segments: Iterable[Iterable[str]]) -> None:
-        """Set the piece ids to run per segment (one list per exit) for ``skip_config``."""
-        self.execution[skip_config] = [list(seg) for seg in segments]
 
     # -- latency table ------------------------------------------------------------------------
 
@@ -1027,7 +916,7 @@ def _parse_manifest(v: _V, d: object) -> Manifest:
             by_file.setdefault(a.file, (where, a))
 
     execution = _parse_execution(v, d["execution"], configs, S, by_id, inp.name)
-    stopping = Stopping._parse(v, d["stopping"], "stopping")
+    stopping = Stopping._parse(v, d["stopping"], "stopping", configs)
 
     latency = [LatencyEntry._parse(v, e, _key("latency", i))
                for i, e in enumerate(v.list_(d["latency"], "latency"))]
@@ -1054,14 +943,32 @@ def _parse_manifest(v: _V, d: object) -> Manifest:
     device = d["device"]
     if device is not None:
         device = v.ident(device, "device", "a device profile name")
-    return Manifest(
+    manifest = Manifest(
         schema_version=sv, model=model, input=inp, class_names=names, stages=S,
         skip_configs=configs, exits=exits, pieces=pieces, execution=execution,
         stopping=stopping, latency=latency, device=device,
         created=v.timestamp(d["created"], "created"),
         tool_version=v.str_(d["tool_version"], "tool_version", max_len=128),
         source=Source._parse(v, d["source"], "source"),
-        annotations=v.json_obj(d.get("annotations", {}), "annotations"))
+        annotations=v.json_obj(d.get("annotations", {}), "annotations"),
+        deployment=None if d.get("deployment") is None
+        else Deployment._parse(v, d["deployment"], "deployment"))
+    _check_deployment(v, manifest)
+    if sv < SCHEMA_VERSION:
+        from .manifest_v1 import upgrade_v1
+        upgrade_v1(manifest)
+    return manifest
+
+
+def _check_deployment(v: _V, m: Manifest) -> None:
+    """Every deployment target names artifacts the bundle ships."""
+    if m.deployment is None:
+        return
+    have = set(m.available_targets())
+    for i, t in enumerate(m.deployment.targets):
+        if (t.backend, t.target) not in have:
+            v.fail(f"deployment.targets[{i}]", f"no {t.backend} artifacts for target "
+                                               f"{t.target!r} cover the execution plan")
 
 
 def _parse_execution(v: _V, d: object, configs: list[str], S: int,
@@ -1127,36 +1034,6 @@ def _parse_execution(v: _V, d: object, configs: list[str], S: int,
 # ----------------------------------------------------------------------------------------
 # builder and file I/O
 # ----------------------------------------------------------------------------------------
-
-def new_manifest(*, model_name: str, family: str, num_classes: int, params: int,
-                 input_shape: Iterable[int], mean: Iterable[float], std: Iterable[float],
-                 stages: int, tool_version: str, class_names: Optional[Iterable[str]] = None,
-                 skip_configs: Optional[Iterable[str]] = None, device: Optional[str] = None,
-                 source: Optional[Source] = None, created: Optional[str] = None,
-                 input_dtype: str = "float32", raw: Optional[RawInputSpec] = None,
-                 annotations: Optional[dict] = None) -> Manifest:
-    """Start a manifest for export/ to fill in (pieces, artifacts, execution, latency...).
-
-    Defaults: class names "0".."num_classes-1", all 2**stages skip configs, exit k after
-    stage k, no stopping rule, empty latency table, ``created`` = now (UTC). The result is
-    not valid until pieces and an execution plan for every skip config are added;
-    ``validate()`` / ``save_manifest`` check it.
-    """
-    return Manifest(
-        model=ModelInfo(name=model_name, family=family, num_classes=num_classes, params=params),
-        input=InputSpec(shape=list(input_shape), mean=[float(x) for x in mean],
-                        std=[float(x) for x in std], dtype=input_dtype,
-                        raw=raw if raw is not None else RawInputSpec()),
-        class_names=list(class_names) if class_names is not None
-        else [str(i) for i in range(num_classes)],
-        stages=stages,
-        skip_configs=list(skip_configs) if skip_configs is not None else all_skip_configs(stages),
-        exits=[ExitInfo(index=k, stage=k) for k in range(stages)],
-        pieces=[], execution={}, tool_version=tool_version,
-        created=created or utc_now_iso(), device=device,
-        source=source if source is not None else Source(),
-        annotations=dict(annotations or {}))
-
 
 def _no_dup_pairs(source: str):
     def hook(pairs):

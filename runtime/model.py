@@ -8,21 +8,18 @@
     ps = model.predict(batch_uint8_nhwc)                   # -> list[Prediction], input order
 
 Imports only the standard library, numpy and (lazily, when the first session is opened) the one
-backend chosen; ``devices`` (stdlib-only) is imported lazily for the bundle's device profile.
-Never torch, train/ or export/. See docs/runtime.md.
+backend chosen. Everything it needs to know about the device comes from the bundle's manifest;
+it imports nothing else of this project (never torch, train/, export/ or devices/). See docs/runtime.md.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import operator
 import os
-import platform
-import shutil
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -31,42 +28,22 @@ from runtime.bundle import Bundle
 from runtime.deadline import (EPS_MS, Clock, LatencyModel, LatencyTable, OnlineLatency,
                               check_budget)
 from runtime.executor import SegmentExecutor
+from runtime.host import usable_cores
 from runtime.exits import normalised_entropy
 from runtime.preprocess import prepare_input
 from runtime.rules import EntropyRule, FullDepthRule, MaxProbRule, PatienceRule, StopContext
+from runtime.selection import (BackendChoice, BackendStatus, BackendUnavailableError,
+                               UnknownDeviceError, diagnose_backends, select_backend)
+from runtime.errors import UsageError
 
 __all__ = ["AdaptiveModel", "Prediction", "BackendChoice", "BackendUnavailableError",
            "BackendFallbackWarning", "UnknownDeviceError", "select_backend", "softmax",
-           "DEFAULT_BACKEND_ORDER"]
+           "BackendStatus", "diagnose_backends"]
 
 log = logging.getLogger("runtime")
 
-#: Order tried when the bundle's device profile cannot be loaded on this machine.
-DEFAULT_BACKEND_ORDER = ("tensorrt", "onnxruntime", "tvm")
-#: Executor backend name of the portable ONNX artifacts (run with onnxruntime).
-PORTABLE = "onnx"
-_LIBRARY = {"onnx": "onnxruntime", "onnxruntime": "onnxruntime", "tvm": "tvm",
-            "tensorrt": "tensorrt"}
-_RUNNER_MODULE = {"onnxruntime": "runtime.backends.onnxruntime_runner",
-                  "tvm": "runtime.backends.tvm_runner",
-                  "tensorrt": "runtime.backends.tensorrt_runner"}
-_ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "x64": "x86_64", "aarch64": "aarch64",
-                 "arm64": "aarch64", "armv8l": "aarch64"}
-# Onnxruntime options of a device profile that apply to the portable ONNX as well.
-_ORT_PROFILE_OPTIONS = ("providers", "intra_op_threads", "inter_op_threads",
-                        "graph_optimization_level")
-
-
-class BackendUnavailableError(LookupError):
-    """No artifact of the bundle can run on this machine (or the requested backend cannot)."""
-
-
 class BackendFallbackWarning(RuntimeWarning):
     """The preferred backend(s) of the bundle's device profile were skipped on this machine."""
-
-
-class UnknownDeviceError(ValueError):
-    """``device=`` names no device profile known on this machine (the message lists them)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +57,8 @@ class Prediction:
     ``exit_index`` is 0-based (exit k follows stage k); ``depth`` = exit_index + 1 stages ran.
     ``latency_ms`` is the wall time from the start of the ``predict`` call (preprocessing
     included) until this sample's answer was ready. ``deadline_missed`` is True when a budget
-    was given and either the latency exceeded it or even the first exit was predicted not to
-    fit (the first exit is answered anyway).
+    was given and the latency exceeded it (when even the first exit is predicted not to fit,
+    the first exit is answered and flagged only if it then ran over).
     """
     class_id: int
     class_name: str
@@ -153,246 +130,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# backend selection
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BackendChoice:
-    """What :func:`select_backend` picked and why the others were skipped.
-
-    ``backend`` is the artifact backend the executor runs ("onnx" = the portable ONNX, run
-    with onnxruntime); ``library`` the Python package that executes it; ``skipped`` maps each
-    backend tried before it to the reason it could not be used.
-    """
-    backend: str
-    target: str
-    library: str
-    options: dict = field(default_factory=dict)
-    device: Optional[str] = None
-    order: tuple = ()
-    skipped: dict = field(default_factory=dict)
-    notes: tuple = ()
-
-    def describe(self) -> str:
-        what = "portable ONNX with onnxruntime" if self.backend == PORTABLE else self.backend
-        text = f"{what} (target {self.target})"
-        if self.skipped:
-            text += "; skipped: " + "; ".join(f"{b}: {why}" for b, why in self.skipped.items())
-        return text
-
-
-def host_arch() -> str:
-    m = platform.machine().lower()
-    return _ARCH_ALIASES.get(m, m)
-
-
-def _importable(module: str) -> bool:
-    """Whether ``module`` could be imported, without importing it (tvm would pull in torch)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _has_gpu() -> bool:
-    return (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvhost-gpu")
-            or shutil.which("nvidia-smi") is not None)
-
-
-def _arch_of(text: str) -> Optional[str]:
-    head = str(text).lower().split("-")[0]
-    return _ARCH_ALIASES.get(head)
-
-
-def _load_profile(name: str):
-    """The device profile ``name`` via devices.load_profile (lazy import), or None + why."""
-    try:
-        from devices import load_profile
-    except ImportError as exc:  # pragma: no cover - devices/ ships with runtime/
-        return None, f"devices package not importable ({exc})"
-    try:
-        return load_profile(name), None
-    except Exception as exc:  # noqa: BLE001 - ProfileError / ProfileNotFoundError / OSError
-        text = " ".join(str(exc).split())
-        if type(exc).__name__ == "ProfileNotFoundError":
-            return None, text  # "unknown device profile 'x'; available: ... (aliases: ...)"
-        return None, f"{type(exc).__name__}: {text}"
-
-
-def _tensorrt_engines_missing(bundle: Bundle, backend: str, target: str,
-                              pieces: list[str]) -> Optional[str]:
-    """Why the engines under ``engines/`` cannot serve this GPU, or None.
-
-    When this GPU's compute capability (``nvidia-smi``) and the installed TensorRT version
-    (package metadata) can be read without importing anything heavy, each piece's engine is
-    looked up exactly as the runner will (``tensorrt_cache.find_engine``: directory
-    ``engines/<sm>_trt<version>/``, the sidecar's ONNX sha256, build options and cache key;
-    the engine's own sha256 is left to the runner). Otherwise (Jetson without nvidia-smi,
-    TensorRT from apt without metadata) only the presence of ``engines/*/<piece>.plan`` is
-    checked and the runner reports a mismatch when it opens the engine.
-    """
-    engines = bundle.root / "engines"
-    missing = [pid for pid in pieces
-               if not (engines.is_dir() and any(engines.glob(f"*/{pid}.plan")))]
-    if missing:
-        return (f"TensorRT engines not built for this bundle ({len(missing)} of {len(pieces)} "
-                f"pieces missing, e.g. {missing[0]!r}): run `pipeline engines --bundle "
-                f"{bundle.root}` on the device")
-    cc, version = _gpu_and_tensorrt()
-    if cc is None or version is None:
-        return None  # not determinable cheaply: the runner checks when it opens the engine
-    from runtime.backends.tensorrt_cache import EngineNotBuiltError, find_engine
-
-    for pid in pieces:
-        art = bundle.artifact(pid, backend, target)
-        plan = (art.options or {}).get("build_plan")
-        try:
-            find_engine(bundle.root, pid, bundle.resolve(art.file), compute_capability=cc,
-                        trt_version=version, build_plan=plan if isinstance(plan, Mapping) else None,
-                        verify=False)
-        except (EngineNotBuiltError, ValueError) as exc:
-            return " ".join(str(exc).split())
-    return None
-
-
-def _gpu_and_tensorrt() -> tuple[Optional[str], Optional[str]]:
-    """(compute capability of GPU 0, installed TensorRT version), each None when it cannot be
-    read without importing tensorrt / CUDA (devices.host: nvidia-smi, package metadata)."""
-    try:
-        from devices.host import nvidia_gpus, package_versions
-    except ImportError:  # pragma: no cover - devices/ ships with runtime/
-        return None, None
-    gpus = nvidia_gpus()
-    cc = gpus[0].get("compute_capability") if gpus else None
-    version = package_versions().get("tensorrt")
-    return cc, (None if version in (None, "unknown") else version)
-
-
-def _used_pieces(manifest) -> list[str]:
-    return sorted({pid for segs in manifest.execution.values() for seg in segs for pid in seg})
-
-
-def _unusable(bundle: Bundle, backend: str, target: str, profile, arch: str) -> Optional[str]:
-    """Why (backend, target) cannot run here, or None."""
-    library = _LIBRARY[backend]
-    if not _importable(library):
-        why = f"the {library} Python package is not importable on this machine"
-        if backend == "tensorrt":
-            why += (" (install TensorRT; engines are then built on the device with "
-                    f"`pipeline engines --bundle {bundle.root}`)")
-        return why
-    manifest = bundle.manifest
-    pieces = _used_pieces(manifest)
-    arts = [manifest.piece(pid).find_artifacts(backend, target)[0] for pid in pieces]
-    if backend == "onnxruntime":
-        t_arch = _arch_of(target)
-        if t_arch is not None and t_arch != arch:
-            return (f"artifacts optimised for {t_arch} (target {target}), this host is {arch}")
-    elif backend == "tvm":
-        opts = arts[0].options or {}
-        tgt = opts.get("target") if isinstance(opts.get("target"), dict) else {}
-        triple = str(tgt.get("mtriple") or (tgt.get("host") or {}).get("mtriple") or "")
-        t_arch = _arch_of(triple) if triple else _arch_of(target)
-        if t_arch is not None and t_arch != arch:
-            return (f"libraries compiled for {t_arch} (target {target}), this host is {arch}: "
-                    "native code for another architecture cannot be loaded")
-        if (tgt.get("kind") == "cuda" or opts.get("device") == "cuda") and not _has_gpu():
-            return f"CUDA libraries (target {target}) and no NVIDIA GPU on this machine"
-        if profile is not None and t_arch == arch and tgt.get("kind", "llvm") == "llvm":
-            try:
-                ok = profile.is_host_compatible()
-            except Exception:  # noqa: BLE001 - detection problems: do not block
-                ok = True
-            if not ok:
-                return (f"libraries compiled for profile {profile.name!r} whose CPU features "
-                        f"({', '.join(profile.hardware.isa) or 'none'}) this host lacks")
-    elif backend == "tensorrt":
-        why = _tensorrt_engines_missing(bundle, backend, target, pieces)
-        if why is not None:
-            return why
-    module = _RUNNER_MODULE[library]
-    if not _importable(module):
-        return f"this runtime has no {library} runner ({module} is not installed)"
-    return None
-
-
-def select_backend(bundle: Bundle, backend: Optional[str] = None, device: Optional[str] = None,
-                   *, arch: Optional[str] = None) -> BackendChoice:
-    """Pick the artifacts to run on this machine.
-
-    ``backend=None``: walk the backend order of the device profile (``device``, default the
-    bundle's ``manifest.device``), skipping backends whose artifacts are missing, whose library
-    is not importable, or whose target does not match this host; the portable ONNX (run with
-    onnxruntime) is the last resort. A portable bundle (no device) uses its ONNX artifacts.
-    ``backend`` given: only that one ("onnxruntime" also accepts the portable ONNX); raises
-    :class:`BackendUnavailableError` saying why if it cannot run. Nothing is imported or
-    executed here: libraries are looked up with ``importlib.util.find_spec``.
-
-    A ``device`` given explicitly must be a device profile known here (name, alias or
-    ``.toml`` path): otherwise :class:`UnknownDeviceError` (a ValueError) lists the known
-    profiles. Only the bundle's own ``manifest.device`` (the default) may be unknown on this
-    machine; then the order the bundle was compiled with is used (``choice.notes`` says so).
-    """
-    m = bundle.manifest
-    arch = arch or host_arch()
-    dev = device if device is not None else m.device
-    profile, notes = None, []
-    if dev is not None:
-        profile, why = _load_profile(dev)
-        if profile is None:
-            if device is not None and device != m.device:
-                raise UnknownDeviceError(f"device {device!r}: {why}" if why and
-                                         not why.startswith("unknown device profile") else why)
-            notes.append(f"device profile {dev!r} not found here ({why}); "
-                         f"using the default backend order")
-        else:
-            dev = profile.name
-    available: dict[str, list[str]] = {}
-    for b, t in m.available_targets():
-        available.setdefault(b, []).append(t)
-
-    if backend is not None:
-        if backend not in _LIBRARY:
-            raise ValueError(f"unknown backend {backend!r}; known: onnxruntime, tvm, tensorrt, "
-                             "onnx (the portable ONNX, run with onnxruntime)")
-        order = [backend] + (["onnx"] if backend == "onnxruntime" else [])
-    elif profile is not None:
-        order = list(profile.backend_order()) + [PORTABLE]
-    elif dev is not None:
-        compile_info = m.annotations.get("compile") if isinstance(m.annotations, dict) else None
-        listed = compile_info.get("backend_order") if isinstance(compile_info, dict) else None
-        order = [b for b in (listed or DEFAULT_BACKEND_ORDER) if b in _LIBRARY] + [PORTABLE]
-    else:
-        order = [PORTABLE]
-    order = list(dict.fromkeys(order))
-
-    skipped: dict[str, str] = {}
-    for b in order:
-        targets = available.get(b, [])
-        if not targets:
-            skipped[b] = (f"no {b} artifacts in the bundle" if b != PORTABLE
-                          else "no portable ONNX artifacts covering every piece")
-            continue
-        reasons = []
-        for t in targets:
-            why = _unusable(bundle, b, t, profile, arch)
-            if why is None:
-                options: dict[str, Any] = {}
-                if b == PORTABLE and profile is not None and profile.backend("onnxruntime"):
-                    spec = profile.backend("onnxruntime").options
-                    options = {k: spec[k] for k in _ORT_PROFILE_OPTIONS if k in spec}
-                return BackendChoice(backend=b, target=t, library=_LIBRARY[b], options=options,
-                                     device=dev, order=tuple(order), skipped=dict(skipped),
-                                     notes=tuple(notes))
-            reasons.append(why if len(targets) == 1 else f"{t}: {why}")
-        skipped[b] = "; ".join(reasons)
-    detail = "; ".join(f"{b}: {why}" for b, why in skipped.items()) or "no artifacts"
-    what = f"backend {backend!r}" if backend else "any backend"
-    raise BackendUnavailableError(f"{bundle.manifest_path}: cannot run {what} on this "
-                                  f"{arch} machine ({detail})")
-
-
-# ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
 
@@ -437,7 +174,7 @@ class AdaptiveModel:
                  clock: Optional[Clock] = None, latency: str = "auto",
                  latency_device: Optional[str] = None) -> None:
         if latency not in ("auto", "table", "online"):
-            raise ValueError(f"latency must be 'auto', 'table' or 'online', got {latency!r}")
+            raise UsageError(f"latency must be 'auto', 'table' or 'online', got {latency!r}")
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.executor = executor
@@ -458,7 +195,7 @@ class AdaptiveModel:
         self.latency_device = dev
         self.table = LatencyTable(m, dev, library, target)
         if latency == "table" and not self.table:
-            raise ValueError(f"{bundle.manifest_path}: no latency table for device {dev!r} and "
+            raise UsageError(f"{bundle.manifest_path}: no latency table for device {dev!r} and "
                              f"backend {library!r} (use latency='auto' or 'online')")
         self.online = OnlineLatency()
         self.latency = LatencyModel(m, self.table, self.online, use_table=latency != "online")
@@ -490,11 +227,11 @@ class AdaptiveModel:
              warn: bool = True) -> "AdaptiveModel":
         """Open ``bundle_dir`` (verifying every checksum) and pick artifacts usable here.
 
-        ``backend``: None = the device profile's order with fallback (see
+        ``backend``: None = the deployment record's order with fallback (see
         :func:`select_backend`); "onnxruntime", "tvm", "tensorrt" or "onnx" to force one.
-        ``device``: profile name for the backend order and the latency table (default: the
-        bundle's). ``runner_options``: backend session options overriding the artifact's
-        (e.g. ``{"intra_op_threads": 1}``). ``clock``: seconds, monotonic (tests inject a fake
+        ``device``: whose latency table to read (default: the bundle's profile; else a device
+        of its latency tables). ``runner_options``: runner options overriding the deployment
+        record's (e.g. ``{"intra_op_threads": 1}``; unknown keys are refused). ``clock``: seconds, monotonic (tests inject a fake
         one). ``latency``: "auto" (the bundle's table if any, else measure as you go),
         "table" (require one) or "online" (ignore the table). ``warm``: open every session
         now. ``warn``: emit a :class:`BackendFallbackWarning` when preferred backends were
@@ -514,7 +251,6 @@ class AdaptiveModel:
                     warnings.warn(msg, BackendFallbackWarning, stacklevel=2)
         options = {**choice.options, **dict(runner_options or {})}
         executor = SegmentExecutor(bundle, choice.backend, choice.target, options=options)
-        # the profile's canonical name ("host" -> "x86-host"): the latency table is keyed by it
         model = cls(bundle, executor, choice=choice, clock=clock, latency=latency,
                     latency_device=choice.device if device is not None else None)
         if warm:
@@ -522,19 +258,34 @@ class AdaptiveModel:
                 executor.warm(cfg)
         return model
 
+    def describe_backend(self) -> str:
+        """What actually runs: backend, target and, for sessions already opened, the execution
+        providers they use and the ones asked for that this machine lacks, e.g.
+        ``onnxruntime (target aarch64-cuda) on CPUExecutionProvider; asked for but not
+        available here: CUDAExecutionProvider``."""
+        what = ("portable ONNX with onnxruntime" if self.backend == "onnx" else self.backend)
+        text = f"{what} (target {self.target})"
+        runners = list(getattr(self.executor, "_runners", {}).values())
+        used = sorted({p for r in runners for p in (getattr(r, "providers", None) or [])})
+        missing = sorted({p for r in runners for p in (getattr(r, "providers_missing", None) or [])})
+        if used:
+            text += f" on {', '.join(used)}"
+        threads = {(getattr(r, "intra_op_threads", None), (getattr(r, "threads_requested", None)
+                                                          or (None,))[0]) for r in runners}
+        if len(threads) == 1:
+            got, asked = threads.pop()
+            if got:
+                text += f", {got} intra-op thread{'s' if got != 1 else ''}"
+                if asked and asked != got:
+                    text += f" ({asked} asked; {usable_cores()} usable cores)"
+        if missing:
+            text += f"; asked for but not available here: {', '.join(missing)}"
+        return text
+
     # -- manifest-derived defaults ---------------------------------------------------------------
 
     def _read_skip_accuracy(self) -> dict[str, float]:
-        ann = self.manifest.annotations if isinstance(self.manifest.annotations, dict) else {}
-        raw = ann.get("skip_accuracy")
-        if not isinstance(raw, dict):
-            return {}
-        out = {}
-        for cfg, acc in raw.items():
-            if cfg in self.skip_configs and isinstance(acc, (int, float)) \
-                    and not isinstance(acc, bool):
-                out[cfg] = float(acc)
-        return out if len(out) == len(self.skip_configs) else {}
+        return dict(self.manifest.stopping.skip_accuracy)
 
     def _rank_configs(self) -> list[str]:
         """Skip configs, most accurate first: calibrated per-config validation accuracy
@@ -546,10 +297,8 @@ class AdaptiveModel:
         return sorted(self.skip_configs, key=lambda c: (-macs[c], c))
 
     def _default_config(self) -> str:
-        ann = self.manifest.annotations if isinstance(self.manifest.annotations, dict) else {}
-        cal = ann.get("calibration")
-        cfg = cal.get("skip_config") if isinstance(cal, dict) else None
-        if cfg in self.skip_configs:
+        cfg = self.manifest.stopping.skip_config
+        if cfg is not None:
             return cfg
         full = "F" * self.stages
         return full if full in self.skip_configs else self._ranked[0]
@@ -583,7 +332,7 @@ class AdaptiveModel:
 
     def check_skip_config(self, skip_config: object) -> str:
         if not isinstance(skip_config, str) or skip_config not in self.skip_configs:
-            raise ValueError(f"unknown skip config {skip_config!r} (this bundle has: "
+            raise UsageError(f"unknown skip config {skip_config!r} (this bundle has: "
                              f"{', '.join(self.skip_configs)})")
         return skip_config
 
@@ -605,13 +354,13 @@ class AdaptiveModel:
             else:
                 from runtime.rules import RULES, make_rule
                 if rule not in RULES:
-                    raise ValueError(f"unknown rule {rule!r} (known: {', '.join(RULES)})")
+                    raise UsageError(f"unknown rule {rule!r} (known: {', '.join(RULES)})")
                 try:
                     obj = make_rule(rule, {})
                 except ValueError as exc:
                     have = (f"the bundle is calibrated for {self.rule_name!r}"
                             if self.rule_name else "the bundle is not calibrated")
-                    raise ValueError(f"rule {rule!r} needs calibrated parameters ({exc}); {have}: "
+                    raise UsageError(f"rule {rule!r} needs calibrated parameters ({exc}); {have}: "
                                      f"run `pipeline calibrate --rule {rule}` or pass a "
                                      "StoppingRule object") from None
             with self._rules_lock:
@@ -619,7 +368,7 @@ class AdaptiveModel:
             return obj
         if callable(getattr(rule, "stop", None)):
             return rule
-        raise ValueError(f"rule: expected a StoppingRule (with a stop() method), a rule name or "
+        raise UsageError(f"rule: expected a StoppingRule (with a stop() method), a rule name or "
                          f"None, got {type(rule).__name__}")
 
     def choose_skip_config(self, budget_ms: Optional[float] = None, batch: int = 1) -> str:
@@ -741,7 +490,7 @@ class AdaptiveModel:
         def finish(rows: Optional[np.ndarray], p: np.ndarray, k: int, why: str) -> None:
             """Answer ``rows`` (indices into the active rows; None: all) with exit k."""
             now_ms = (clock() - t0) * 1000.0
-            missed = first_miss or (limit is not None and now_ms > limit)
+            missed = limit is not None and now_ms > limit
             idx = range(len(p)) if rows is None else rows
             for i in idx:
                 row = p[i]

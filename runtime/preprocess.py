@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import UsageError
+
 __all__ = ["prepare_input", "normalize", "FLOAT_DTYPES"]
 
 #: Float dtypes taken as already-normalised model input.
@@ -61,14 +63,14 @@ def prepare_input(x: Any, shape: Sequence[int], mean: Sequence[float],
             try:
                 x = np.asarray(x)
             except ValueError as exc:
-                raise ValueError(f"input: cannot convert the list to an array ({exc})") from None
+                raise UsageError(f"input: cannot convert the list to an array ({exc})") from None
         else:
-            raise ValueError(f"input: expected a numpy array, got {type(x).__name__}")
+            raise UsageError(f"input: expected a numpy array, got {type(x).__name__}")
     if x.dtype == np.uint8:
         return _prepare_raw(x, C, H, W, mean, std)
     if x.dtype.type in FLOAT_DTYPES:
         return _prepare_float(x, C, H, W)
-    raise ValueError(
+    raise UsageError(
         f"input: unsupported dtype {x.dtype}; pass uint8 pixels (HWC, 0..255) or float32 "
         f"already-normalised model input (NCHW)" + (
             " (convert integer pixels with x.astype(np.uint8) after checking they are 0..255)"
@@ -80,7 +82,7 @@ def _prepare_raw(x: np.ndarray, C: int, H: int, W: int, mean, std) -> tuple[np.n
         f", or grayscale (H, W) = {_shape((H, W))} / (N, H, W)" if C == 1 else "")
     if x.ndim == 2:
         if C != 1:
-            raise ValueError(f"input: a 2-D (grayscale) image {_shape(x.shape)} needs a 1-channel "
+            raise UsageError(f"input: a 2-D (grayscale) image {_shape(x.shape)} needs a 1-channel "
                              f"model; this model expects {C} channels: {want}")
         batch, batched = x[None, :, :, None], False
     elif x.ndim == 3:
@@ -89,7 +91,7 @@ def _prepare_raw(x: np.ndarray, C: int, H: int, W: int, mean, std) -> tuple[np.n
         elif C == 1 and x.shape[1:] == (H, W):
             batch, batched = x[:, :, :, None], True
         elif x.shape == (C, H, W) and C != H:
-            raise ValueError(f"input: uint8 image {_shape(x.shape)} looks channels-first; raw "
+            raise UsageError(f"input: uint8 image {_shape(x.shape)} looks channels-first; raw "
                              f"uint8 pixels must be channels-last (H, W, C) = {_shape((H, W, C))} "
                              "(use x.transpose(1, 2, 0))")
         else:
@@ -97,12 +99,12 @@ def _prepare_raw(x: np.ndarray, C: int, H: int, W: int, mean, std) -> tuple[np.n
             _check_hwc(batch, C, H, W, want)
     elif x.ndim == 4:
         if x.shape[1:] == (C, H, W) and x.shape[1:] != (H, W, C):
-            raise ValueError(f"input: uint8 batch {_shape(x.shape)} looks channels-first (NCHW); "
+            raise UsageError(f"input: uint8 batch {_shape(x.shape)} looks channels-first (NCHW); "
                              f"raw uint8 pixels must be channels-last (N, H, W, C) = "
                              f"(N, {H}, {W}, {C}) (use x.transpose(0, 2, 3, 1))")
         batch, batched = x, True
     else:
-        raise ValueError(f"input: expected {want}, got a {x.ndim}-D array {_shape(x.shape)}")
+        raise UsageError(f"input: expected {want}, got a {x.ndim}-D array {_shape(x.shape)}")
     _check_hwc(batch, C, H, W, want)
     return normalize(batch, mean, std), batched
 
@@ -110,12 +112,12 @@ def _prepare_raw(x: np.ndarray, C: int, H: int, W: int, mean, std) -> tuple[np.n
 def _check_hwc(batch: np.ndarray, C: int, H: int, W: int, want: str) -> None:
     n, h, w, c = batch.shape
     if n == 0:
-        raise ValueError("input: empty batch (N = 0)")
+        raise UsageError("input: empty batch (N = 0)")
     if c != C:
-        raise ValueError(f"input: wrong channel count: got {c} channel(s), the model expects {C} "
+        raise UsageError(f"input: wrong channel count: got {c} channel(s), the model expects {C} "
                          f"(images are channels-last: {want})")
     if (h, w) != (H, W):
-        raise ValueError(f"input: wrong image size: got H x W = {h} x {w}, the model expects "
+        raise UsageError(f"input: wrong image size: got H x W = {h} x {w}, the model expects "
                          f"{H} x {W} (resize/crop before calling predict)")
 
 
@@ -127,21 +129,21 @@ def _prepare_float(x: np.ndarray, C: int, H: int, W: int) -> tuple[np.ndarray, b
     elif x.ndim == 4:
         batch, batched = x, True
     else:
-        raise ValueError(f"input: expected {want}, got a {x.ndim}-D array {_shape(x.shape)}")
+        raise UsageError(f"input: expected {want}, got a {x.ndim}-D array {_shape(x.shape)}")
     n, c, h, w = batch.shape
     if n == 0:
-        raise ValueError("input: empty batch (N = 0)")
+        raise UsageError("input: empty batch (N = 0)")
     if c != C:
         hint = (" (float input is channels-first NCHW; for channels-last pixels pass uint8)"
                 if w == C else "")
-        raise ValueError(f"input: wrong channel count: got {c} channel(s) in axis "
+        raise UsageError(f"input: wrong channel count: got {c} channel(s) in axis "
                          f"{1 if batched else 0}, the model expects {C}{hint}")
     if (h, w) != (H, W):
-        raise ValueError(f"input: wrong image size: got H x W = {h} x {w}, the model expects "
+        raise UsageError(f"input: wrong image size: got H x W = {h} x {w}, the model expects "
                          f"{H} x {W} (resize/crop before calling predict)")
     out = np.ascontiguousarray(batch, dtype=np.float32)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         kind = "NaN" if np.isnan(out).any() else "inf"
-        raise ValueError(f"input: {bad} non-finite value(s) ({kind}) in the float input")
+        raise UsageError(f"input: {bad} non-finite value(s) ({kind}) in the float input")
     return out, batched

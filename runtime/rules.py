@@ -33,8 +33,11 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .errors import ConfigError
 from .exits import normalised_entropy, top2_margin, top_prob
 from .latency import STATS, find_groups, piece_sums
+from .validate import Validator, type_name
+from .errors import UsageError
 
 __all__ = [
     "StopContext",
@@ -123,17 +126,17 @@ class StopContext:
         Lookups and sums come from :mod:`runtime.latency` (the one reader of the table).
         """
         if stat not in LATENCY_STATS:
-            raise ValueError(f"stat: expected one of {', '.join(LATENCY_STATS)}, got {stat!r}")
+            raise UsageError(f"stat: expected one of {', '.join(LATENCY_STATS)}, got {stat!r}")
         if skip_config not in manifest.execution:
-            raise ValueError(f"skip_config {skip_config!r} is not in the manifest "
+            raise UsageError(f"skip_config {skip_config!r} is not in the manifest "
                              f"(known: {', '.join(manifest.execution)})")
         found = find_groups(manifest, device=device, backend=backend, target=target, batch=batch)
         groups = sorted((d, b, t) for d, b, t, _ in found)
         if not groups:
-            raise ValueError(f"no latency entries for device={device!r} backend={backend!r} "
+            raise UsageError(f"no latency entries for device={device!r} backend={backend!r} "
                              f"target={target!r} batch={batch} in the manifest")
         if len(groups) > 1:
-            raise ValueError("several latency groups match; pass device/backend/target to pick "
+            raise UsageError("several latency groups match; pass device/backend/target to pick "
                              "one of: " + ", ".join("/".join(g) for g in groups))
         group = next(iter(found.values()))
         stat = stat[:-len("_ms")]
@@ -144,7 +147,7 @@ class StopContext:
             seg = piece_sums(group, plan, stat)
             if None in seg:
                 missing = [pid for segment in plan for pid in group.missing(segment)]
-                raise ValueError(f"latency table of {'/'.join(groups[0])} has neither all {S} "
+                raise UsageError(f"latency table of {'/'.join(groups[0])} has neither all {S} "
                                  f"exits of {skip_config!r} nor every piece (missing pieces: "
                                  f"{', '.join(missing)})")
         return cls(segment_ms=seg, skip_config=skip_config)
@@ -154,34 +157,49 @@ class StopContext:
 # base class and validation helpers
 # ------------------------------------------------------------------------------------------------
 
+# Parameter errors are ConfigError (a ValueError) from the shared Validator:
+# "stopping rule 'max_prob': params['thresholds']: expected a number <= 1, got 1.5".
+
+def _v(rule: str) -> Validator:
+    return Validator(f"stopping rule {rule!r}")
+
+
+def _at(key: str) -> str:
+    return f"params[{key!r}]"
+
+
 def _fail(rule: str, key: str, msg: str) -> None:
-    raise ValueError(f"{rule}: params[{key!r}]: {msg}")
+    _v(rule).fail(_at(key), msg)
 
 
 def _check_keys(rule: str, params: object, required: Sequence[str],
                 optional: Sequence[str] = ()) -> dict:
+    v = _v(rule)
     if not isinstance(params, Mapping):
-        raise ValueError(f"{rule}: params must be a JSON object (dict), got "
-                         f"{type(params).__name__}")
+        v.fail("params", f"expected a JSON object, got {type_name(params)}")
     allowed = set(required) | set(optional)
     for k in params:
         if k not in allowed:
-            raise ValueError(f"{rule}: unknown parameter {k!r} (allowed: "
+            v.fail("params", f"unknown parameter {k!r} (allowed: "
                              f"{', '.join(sorted(allowed)) or 'none'})")
     for k in required:
         if k not in params:
-            raise ValueError(f"{rule}: missing parameter {k!r}")
+            v.fail("params", f"missing parameter {k!r}")
     return dict(params)
+
+
+def _py(x: object) -> object:
+    """numpy scalars as Python numbers (calibration hands them over), anything else as is."""
+    return x.item() if isinstance(x, (np.integer, np.floating, np.bool_)) else x
 
 
 def _is_num(x: object) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
 
 
-def _num(rule: str, key: str, x: object, lo: float = -math.inf, hi: float = math.inf) -> float:
-    if not _is_num(x) or not math.isfinite(float(x)) or not lo <= float(x) <= hi:
-        _fail(rule, key, f"expected a finite number in [{lo}, {hi}], got {x!r}")
-    return float(x)
+def _num(rule: str, key: str, x: object, lo: Optional[float] = None,
+         hi: Optional[float] = None) -> float:
+    return _v(rule).num(_py(x), _at(key), lo=lo, hi=hi)
 
 
 def _thresholds(rule: str, x: object) -> tuple[bool, np.ndarray]:
@@ -189,7 +207,7 @@ def _thresholds(rule: str, x: object) -> tuple[bool, np.ndarray]:
     if isinstance(x, np.ndarray) and x.ndim == 0:
         x = x.item()
     if _is_num(x):
-        return True, np.array([_num(rule, "thresholds", x, 0.0, 1.0)])
+        return True, np.array([_num(rule, "thresholds", x, 0, 1)])
     if isinstance(x, (list, tuple, np.ndarray)) and len(x) > 0:
         vals = []
         for i, v in enumerate(x):
@@ -230,7 +248,7 @@ class StoppingRule(ABC):
     @classmethod
     @abstractmethod
     def from_params(cls, params: Mapping[str, Any]) -> "StoppingRule":
-        """Validated construction from JSON parameters (ValueError naming the bad parameter)."""
+        """Validated construction from JSON parameters (ConfigError naming the bad parameter)."""
 
     # -- shared helpers -------------------------------------------------------------------------
 
@@ -344,12 +362,9 @@ class PatienceRule(StoppingRule):
     name = "patience"
 
     def __init__(self, patience: int = 2, min_confidence: Optional[float] = None):
-        if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) \
-                or patience < 1:
-            _fail(self.name, "patience", f"expected an integer >= 1, got {patience!r}")
-        self.patience = int(patience)
+        self.patience = _v(self.name).int_(_py(patience), _at("patience"), lo=1)
         self.min_confidence = None if min_confidence is None else \
-            _num(self.name, "min_confidence", min_confidence, 0.0, 1.0)
+            _num(self.name, "min_confidence", min_confidence, 0, 1)
 
     def stop(self, k, probs, ctx=None):
         p, last = self._current(k, probs, ctx)
@@ -424,7 +439,7 @@ class LookAheadRule(StoppingRule):
     def __init__(self, edges: Sequence, gain: Sequence, lam: float,
                  statistic: str = "max_prob", interpolation: str = "step"):
         name = self.name
-        self.lam = _num(name, "lam", lam, 0.0)
+        self.lam = _num(name, "lam", lam, 0)
         if interpolation not in self.INTERPOLATIONS:
             _fail(name, "interpolation", f"expected one of {', '.join(self.INTERPOLATIONS)}, "
                                          f"got {interpolation!r}")
@@ -573,10 +588,11 @@ RULES: dict[str, type[StoppingRule]] = {
 
 
 def make_rule(name: str, params: Optional[Mapping[str, Any]] = None) -> StoppingRule:
-    """The rule called ``name`` with JSON ``params``; ValueError for an unknown name or bad
-    parameters (the message names the parameter)."""
+    """The rule called ``name`` with JSON ``params``; :class:`runtime.errors.ConfigError` (a
+    ValueError) for an unknown name or bad parameters (the message names the parameter)."""
     if not isinstance(name, str) or name not in RULES:
-        raise ValueError(f"unknown stopping rule {name!r} (known: {', '.join(RULES)})")
+        raise ConfigError("stopping rule", "name",
+                          f"unknown stopping rule {name!r} (known: {', '.join(RULES)})")
     return RULES[name].from_params({} if params is None else params)
 
 

@@ -108,7 +108,9 @@ def test_host_build_writes_bundle_report_and_plots(host_build):
     assert m.latency and {e.kind for e in m.latency} == {"measured"}
     assert m.stopping.rule is not None  # calibrated (possibly the full-depth fallback)
     assert m.annotations["calibration"]["by"] == "pipeline build"
-    assert set(m.annotations["skip_accuracy"]) == set(m.skip_configs)
+    assert set(m.stopping.skip_accuracy) == set(m.skip_configs)
+    assert m.stopping.skip_config == m.annotations["calibration"]["skip_config"]
+    assert m.deployment.profile == "x86-host" and m.deployment.backend_order
     assert not (r / "host").exists()  # this machine: the bundle itself is measured
     archives = list(r.glob("*.tar.gz"))
     assert [a.name for a in archives] == ["resnet20_adn-x86-host.tar.gz"]

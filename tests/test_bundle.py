@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime.archive import pack_bundle, unpack_bundle
+from export.archive import pack_bundle
+from runtime.archive import unpack_bundle
 from runtime.bundle import Bundle
 from runtime.errors import (ArchiveError, ArtifactNotFoundError, BundleError,
                             BundleIntegrityError, ManifestError, UnsafePathError)
-from runtime.manifest import (Piece, TensorSpec, load_manifest, new_manifest, save_manifest,
-                              sha256_file)
+from export.manifest_builder import add_artifact_file, add_piece, new_manifest, set_execution
+from runtime.manifest import (Piece, TensorSpec, load_manifest, save_manifest, sha256_file)
 
 
 def make_bundle(root: Path) -> Bundle:
@@ -29,7 +30,7 @@ def make_bundle(root: Path) -> Bundle:
     for s in range(2):
         for variant, skip in (("full", False), ("skip", True)):
             pid = f"stage{s}.{variant}"
-            m.add_piece(Piece(id=pid, kind="stage", stage=s, skip=skip, returns_logits=True,
+            add_piece(m, Piece(id=pid, kind="stage", stage=s, skip=skip, returns_logits=True,
                               inputs=[TensorSpec("x", ["N", 3, 8, 8])],
                               outputs=[TensorSpec("features", ["N", 3, 8, 8]),
                                        TensorSpec("logits", ["N", 4])],
@@ -41,10 +42,10 @@ def make_bundle(root: Path) -> Bundle:
                 f = root / rel
                 f.parent.mkdir(parents=True, exist_ok=True)
                 f.write_bytes(f"{backend}:{target}:{pid}:".encode() * 50)
-                m.add_artifact_file(root, pid, rel, backend=backend, target=target,
+                add_artifact_file(m, root, pid, rel, backend=backend, target=target,
                                     options={"opt_level": 3} if backend == "tvm" else {})
     for cfg in m.skip_configs:
-        m.set_execution(cfg, [[f"stage{k}.{'skip' if c == 'T' else 'full'}"]
+        set_execution(m, cfg, [[f"stage{k}.{'skip' if c == 'T' else 'full'}"]
                               for k, c in enumerate(cfg)])
     save_manifest(m, root / "manifest.json")
     return Bundle.open(root)

@@ -1,4 +1,4 @@
-"""Calibration of stopping rules (runtime/calibration.py): targets met on HELD-OUT data of a
+"""Calibration of stopping rules (export/calibration.py): targets met on HELD-OUT data of a
 synthetic early-exit problem, the risk-controlled (Learn then Test) guarantee over repeated
 calibrations, the device dependence of a calibrated look-ahead rule, the p-values, and errors."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from runtime.calibration import (CalibrationResult, binom_cdf, binom_sf, calibrate,
+from export.calibration import (CalibrationResult, binom_cdf, binom_sf, calibrate,
                                  drop_p_value, drop_upper_bound, fit_gain_tables, hb_p_value)
 from runtime.manifest import Stopping
 from runtime.rules import LookAheadRule, StopContext, make_rule, rule_from_stopping
-from runtime.simulate import simulate
+from export.simulate import simulate
 
 SEG = [2.0, 3.0, 3.0, 4.0]          # ms per segment on "device A"
 

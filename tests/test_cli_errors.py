@@ -73,6 +73,10 @@ CASES: dict[str, tuple[list[str], str]] = {
                                            "{tmp}/missing.toml"], "missing.toml"),
     "devices-estimate-unknown-device": (["devices", "estimate", "nosuch-board", "--macs", "1",
                                          "--bytes", "1"], "nosuch-board"),
+    # benchmark, inspect, doctor
+    "benchmark-missing-bundle": (["benchmark", "--bundle", "{tmp}/nobundle"], "nobundle"),
+    "inspect-missing-bundle": (["inspect", "{tmp}/nobundle"], "nobundle"),
+    "doctor-missing-bundle": (["doctor", "{tmp}/nobundle"], "nobundle"),
     # build
     "build-missing-checkpoint": (["build", "--checkpoint", "{tmp}/missing.pt",
                                   "--out", "{tmp}/b"], "missing.pt"),
@@ -88,7 +92,7 @@ CASES: dict[str, tuple[list[str], str]] = {
 MULTILINE = {"run-missing-data-root": "mnist: IDX files not found"}
 XFAIL: dict = {}  # case id -> pytest.mark.xfail(strict=True, ...) for a reported bug
 COMMANDS = {"train", "models", "export", "compile", "engines", "profile", "calibrate", "predict",
-            "run", "devices", "build"}
+            "run", "devices", "benchmark", "inspect", "doctor", "build"}
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +163,120 @@ def test_bad_input_gives_one_clear_error_line(outcomes, case):
     if proc.returncode == 2:  # click usage error
         assert lines[0].startswith("Usage:"), err
     assert not others, f"extra stderr lines: {others}"
+
+
+# ------------------------------------------------------------------------------------------------
+# config values of the wrong type, programming errors, --debug
+# ------------------------------------------------------------------------------------------------
+
+def _pipeline(*argv: object, env: dict[str, str], code: str | None = None,
+              debug_env: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGV`` (or ``python -c CODE ARGV``) from the repository root."""
+    env = dict(env)
+    env.pop("PIPELINE_DEBUG", None)
+    if debug_env is not None:
+        env["PIPELINE_DEBUG"] = debug_env
+    head = ["-m", "pipeline"] if code is None else ["-c", code]
+    return subprocess.run([sys.executable, *head, *map(str, argv)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=180)
+
+
+def _the_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a user error (exit 1, no traceback)."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    return lines[0]
+
+
+def test_config_value_of_wrong_type_names_file_and_field(tmp_path, pipeline_env_module):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[train]\nepochs = "6"\n')
+    line = _the_error_line(_pipeline("train", "--config", recipe, "--out", tmp_path / "t",
+                                     env=pipeline_env_module))
+    assert line == f"Error: {recipe}: train.epochs: expected an integer, got string"
+    assert not (tmp_path / "t").exists()
+
+
+def test_build_config_refuses_a_float_count_and_an_unknown_key(tmp_path, pipeline_env_module):
+    cfg = tmp_path / "build.toml"
+    cfg.write_text("[train]\nbatch_size = 12.5\n")
+    line = _the_error_line(_pipeline("build", "--config", cfg, "--out", tmp_path / "b",
+                                     "--dry-run", env=pipeline_env_module))
+    assert line == f"Error: {cfg}: train.batch_size: expected an integer, got number"
+    cfg.write_text("[evaluate]\nlimt = 5\n")
+    line = _the_error_line(_pipeline("build", "--config", cfg, "--out", tmp_path / "b",
+                                     "--dry-run", env=pipeline_env_module))
+    assert line.startswith(f"Error: {cfg}: evaluate.limt: unknown key (allowed: ")
+    assert "limit" in line and "measure_limit" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_profile_of_wrong_type_names_file_and_field(tmp_path, pipeline_env_module):
+    profile = tmp_path / "my-board.toml"
+    profile.write_text('name = "my-board"\narch = "aarch64"\nlatency_budget_ms = 40.0\n'
+                       '[hardware]\ncpu_model = "A76"\ncpu_cores = "4"\nmemory_gb = 4\n'
+                       '[peak]\ncpu_fp32_gflops = 100.0\nmemory_bandwidth_gbs = 10.0\n'
+                       '[[backends]]\nname = "onnxruntime"\n')
+    env = {**pipeline_env_module, "PIPELINE_PROFILE_DIR": str(tmp_path / "none")}
+    line = _the_error_line(_pipeline("devices", "show", profile, env=env))
+    assert line == f"Error: {profile.resolve()}: hardware.cpu_cores: expected an integer, got string"
+
+
+# A bug inside a command: train.config.build_config raises KeyError('cfg').
+_BUG = """
+import sys
+import train.config
+
+def build_config(*args, **kwargs):
+    raise KeyError("cfg")
+
+train.config.build_config = build_config
+from pipeline.cli import main
+main()
+"""
+
+
+def test_a_programming_error_keeps_its_traceback(tmp_path, pipeline_env_module):
+    proc = _pipeline("train", "--out", tmp_path / "t", code=_BUG, env=pipeline_env_module)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.rstrip().endswith("KeyError: 'cfg'"), proc.stderr[-2000:]
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")], proc.stderr
+
+
+def test_a_programming_error_in_a_sub_group_keeps_its_traceback(monkeypatch):
+    """In-process (click's CliRunner): the exception reaches the caller unchanged, also through
+    the nested `models` and `devices` groups."""
+    from click.testing import CliRunner
+
+    import devices.registry
+    import train.models
+    from pipeline.cli import cli
+
+    def bug(*args, **kwargs):
+        raise KeyError("cfg")
+
+    monkeypatch.setattr(train.models, "model_summary", bug)
+    monkeypatch.setattr(devices.registry, "list_profiles", bug)
+    monkeypatch.setattr("pipeline.devices_cli.list_profiles", bug)
+    for argv in (["models", "show", "resnet20_adn"], ["devices"]):
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 1 and isinstance(result.exception, KeyError), argv
+        assert "Error:" not in result.output, (argv, result.output)
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, pipeline_env_module):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[train]\nepochs = "6"\n')
+    argv = ("train", "--config", recipe, "--out", tmp_path / "t")
+    needle = f"ConfigError: {recipe}: train.epochs: expected an integer, got string"
+    for proc in (_pipeline("--debug", *argv, env=pipeline_env_module),
+                 _pipeline(*argv, env=pipeline_env_module, debug_env="1")):
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.rstrip().endswith(needle), proc.stderr[-2000:]
+    # PIPELINE_DEBUG=0 is off
+    line = _the_error_line(_pipeline(*argv, env=pipeline_env_module, debug_env="0"))
+    assert line == f"Error: {recipe}: train.epochs: expected an integer, got string"

@@ -53,7 +53,8 @@ def host_ort(portable, tmp_path_factory) -> Path:
 
 
 def all_exits(bundle: Bundle, backend: str, x: np.ndarray) -> dict[str, list[np.ndarray]]:
-    ex = SegmentExecutor(bundle, backend, options={"intra_op_threads": 1})
+    ex = SegmentExecutor(bundle, backend,
+                         options={"intra_op_threads": 1} if backend == "onnxruntime" else None)
     return {cfg: ex.run_exits(x, cfg) for cfg in bundle.manifest.skip_configs}
 
 
@@ -68,7 +69,7 @@ def test_onnxruntime_device_bundle_runs_every_config(host_ort, portable, inputs)
     opts = art.options
     assert opts["saved_optimization_level"] == "extended" and opts["graph_optimization_level"] == "all"
     assert opts["providers"] == ["CPUExecutionProvider"] and "intra_op_threads" in opts
-    assert m.annotations["compile"]["backend_order"] == ["onnxruntime"]
+    assert m.deployment.backend_order == ["onnxruntime"]
     with torch.no_grad():
         for cfg, got in all_exits(b, "onnxruntime", x).items():
             for k, ref in enumerate(model(torch.from_numpy(x), cfg)):
@@ -150,8 +151,9 @@ def test_default_backends_follow_profile_and_skip_what_cannot_be_compiled(portab
     compiled = {a.backend for p in m.pieces for a in p.artifacts} - {"onnx"}
     assert "tensorrt" not in compiled and "onnxruntime" in compiled
     assert any(ln.startswith("skip") and "tensorrt" in ln and "TensorRT 8" in ln for ln in lines)
-    order = m.annotations["compile"]["backend_order"]
+    order = m.deployment.backend_order
     assert order == [b for b in ["tensorrt", "onnxruntime", "tvm"] if b in compiled]
+    assert {(t.backend, t.target) for t in m.deployment.targets} == set(m.available_targets())
     # one progress line per piece and backend, with a timing
     assert sum(1 for ln in lines if ln.startswith("onnxruntime") and " ms " in ln) == len(m.pieces)
     # explicitly asking for an impossible backend is an error
@@ -257,3 +259,27 @@ def test_cli_compile_end_to_end_and_bad_inputs(portable, tmp_path):
         lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
         assert needle in lines[-1] and lines[-1].startswith("Error:"), (args, result.output)
     assert not os.path.exists(tmp_path / "z")
+
+
+def test_jetson_bundle_carries_its_deployment_record(portable, tmp_path):
+    """The profile is resolved at compile time: the runtime reads order, requirements and
+    runner options from the manifest, never from profile files on the device."""
+    from runtime.manifest import load_manifest
+
+    out = compile_bundle(portable[1], "jetson-orin-nano", backends=["onnxruntime", "tensorrt"],
+                         out_dir=tmp_path / "nano", progress=None)
+    m = load_manifest(out / "manifest.json")
+    dep = m.deployment
+    assert dep.profile == "jetson-orin-nano" and dep.backend_order == ["tensorrt", "onnxruntime"]
+    trt = dep.target("tensorrt", "sm_87-trt10")
+    assert (trt.requires.gpu, trt.requires.gpu_compute_capability,
+            trt.requires.tensorrt_major) == (True, "8.7", 10)
+    ort = dep.target("onnxruntime", "aarch64-cuda")
+    assert ort.requires.arch == "aarch64" and not ort.requires.gpu
+    assert ort.runner_options == {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                  "intra_op_threads": 6, "inter_op_threads": 1,
+                                  "graph_optimization_level": "all"}
+    # the portable fallback runs anywhere, with the device's onnxruntime options
+    portable_entry = dep.target("onnx", "portable")
+    assert portable_entry.requires.arch is None
+    assert portable_entry.runner_options == ort.runner_options

@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime import AdaptiveModel
-from runtime.archive import pack_bundle, unpack_bundle
+from export.archive import pack_bundle
+from runtime.archive import unpack_bundle
 from runtime.bundle import Bundle
 from runtime.errors import (ArchiveError, BundleError, BundleIntegrityError, ManifestError,
                             UnsafePathError)

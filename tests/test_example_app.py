@@ -133,16 +133,27 @@ def test_app_errors_are_one_line(tmp_path, bundle):
     assert res.returncode == 2 and res.stderr.strip() == f"error: no images in {tmp_path}"
 
 
-def test_pgm_reader(tmp_path):
+def test_app_reads_images_with_runtime_images(tmp_path):
+    """The app's reader is runtime.images: PGM (binary and ASCII, comments, maxval) and .npy
+    without PIL; the same pixels as PIL where both read a file."""
     sys.path.insert(0, str(APP.parent))
     try:
         import app
     finally:
         sys.path.pop(0)
+    from runtime.images import read_netpbm
+
     img = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)
     (tmp_path / "a.pgm").write_bytes(b"P5\n# a comment\n28 28\n255\n" + img.tobytes())
-    assert np.array_equal(app.read_pgm(tmp_path / "a.pgm"), img)
+    assert np.array_equal(read_netpbm(tmp_path / "a.pgm"), img)
+    assert np.array_equal(app.read_image(tmp_path / "a.pgm", 1, (28, 28), False), img)
     ascii_ = "P2\n3 2\n15\n0 15 3\n6 9 12\n"
     (tmp_path / "b.pgm").write_text(ascii_)
-    got = app.read_pgm(tmp_path / "b.pgm")
+    got = read_netpbm(tmp_path / "b.pgm")
     assert got.tolist() == [[0, 255, 51], [102, 153, 204]]
+    np.save(tmp_path / "c.npy", img[..., None])
+    assert np.array_equal(app.read_image(tmp_path / "c.npy", 1, (28, 28), False), img)
+    assert [p.name for p in app.list_images(tmp_path)] == ["a.pgm", "b.pgm", "c.npy"]
+    with pytest.raises(ValueError, match="b.pgm: image is 3x2 .*pass --resize"):
+        app.read_image(tmp_path / "b.pgm", 1, (28, 28), False)
+    assert app.read_image(tmp_path / "b.pgm", 1, (28, 28), True).shape == (28, 28)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,8 +16,9 @@ from runtime.atomic import (atomic_directory, atomic_write_bytes, atomic_write_j
                             atomic_write_text, atomic_writer)
 from runtime.errors import (BundleError, BundleIntegrityError, ManifestError,
                             UnsafePathError)
+from export.manifest_builder import add_artifact_file, add_piece, new_manifest, set_execution
 from runtime.manifest import (SCHEMA_VERSION, LatencyEntry, Manifest, Piece, TensorSpec,
-                              all_skip_configs, load_manifest, new_manifest, save_manifest)
+                              all_skip_configs, load_manifest, save_manifest)
 
 H1 = "1" * 64
 H2 = "2" * 64
@@ -46,7 +48,7 @@ def _piece(pid, kind, stage, skip, logits, file, sha, macs=1000, inputs=None, ou
 def valid_dict() -> dict:
     """S=2. Stage 0 exported as whole-stage variants, stage 1 at finer granularity."""
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": {"name": "tiny-ee", "family": "resnet", "num_classes": 10, "params": 1234},
         "input": {"name": "x", "shape": [3, 8, 8], "dtype": "float32", "layout": "NCHW",
                   "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
@@ -75,7 +77,9 @@ def valid_dict() -> dict:
             "TT": [["stage0.skip"], ["stage1.mandatory_skipnorm", "head1"]],
         },
         "stopping": {"rule": "max_prob", "params": {"thresholds": [0.9, 0.0]},
-                     "val_accuracy": 0.91, "mean_latency_ms": 1.5, "created": T0},
+                     "val_accuracy": 0.91, "mean_latency_ms": 1.5, "created": T0,
+                     "skip_config": "FT",
+                     "skip_accuracy": {"FF": 0.91, "FT": 0.9, "TF": 0.89, "TT": 0.88}},
         "latency": [
             {"device": "orin-nx", "backend": "tensorrt", "target": "cuda-sm87", "batch": 1,
              "piece": "stage0.full", "exit": None, "skip_config": None,
@@ -96,6 +100,7 @@ def valid_dict() -> dict:
         "source": {"checkpoint_sha256": "a" * 64, "checkpoint": "runs/x/best.pt",
                    "metrics": {"val_acc_per_exit": [0.8, 0.9]}},
         "annotations": {"export": {"opset": 17}},
+        "deployment": None,
     }
 
 
@@ -108,7 +113,7 @@ def test_round_trip_dict():
     m = Manifest.from_dict(d)
     assert m.to_dict() == d
     assert Manifest.from_dict(m.to_dict()) == m
-    assert m.schema_version == SCHEMA_VERSION == 1
+    assert m.schema_version == SCHEMA_VERSION == 2
     assert m.piece("head1").kind == "head"
     # deep copy: mutating the input afterwards does not affect the manifest
     d["pieces"][0]["artifacts"][1]["options"]["opt_level"] = 0
@@ -359,23 +364,23 @@ def test_new_manifest_builder(tmp_path):
     (tmp_path / "onnx").mkdir()
     for variant, skip in (("full", False), ("skip", True)):
         pid = f"stage0.{variant}"
-        m.add_piece(Piece(id=pid, kind="stage", stage=0, skip=skip, returns_logits=True,
+        add_piece(m, Piece(id=pid, kind="stage", stage=0, skip=skip, returns_logits=True,
                           inputs=[TensorSpec("x", ["N", 1, 4, 4])],
                           outputs=[TensorSpec("features", ["N", 2, 4, 4]),
                                    TensorSpec("logits", ["N", 3])], macs=10, params=5))
         (tmp_path / "onnx" / f"{pid}.onnx").write_bytes(pid.encode())
-        a = m.add_artifact_file(tmp_path, pid, f"onnx/{pid}.onnx", backend="onnx",
+        a = add_artifact_file(m, tmp_path, pid, f"onnx/{pid}.onnx", backend="onnx",
                                 target="portable")
         assert a.size_bytes == len(pid) and len(a.sha256) == 64
     with pytest.raises(ValueError, match="duplicate piece id"):
-        m.add_piece(m.pieces[0])
+        add_piece(m, m.pieces[0])
     with pytest.raises(ValueError, match="already has an artifact"):
-        m.add_artifact_file(tmp_path, "stage0.full", "onnx/stage0.full.onnx", backend="onnx",
+        add_artifact_file(m, tmp_path, "stage0.full", "onnx/stage0.full.onnx", backend="onnx",
                             target="portable")
     with pytest.raises(ManifestError, match="execution.F: missing execution plan"):
         m.validate()
-    m.set_execution("F", [["stage0.full"]])
-    m.set_execution("T", [("stage0.skip",)])
+    set_execution(m, "F", [["stage0.full"]])
+    set_execution(m, "T", [("stage0.skip",)])
     m.validate()
     save_manifest(m, tmp_path / "manifest.json")
     assert load_manifest(tmp_path / "manifest.json") == m
@@ -507,3 +512,73 @@ def test_property_mutated_manifest_parses_or_manifest_error(mutations):
         except (KeyError, IndexError, TypeError):
             pass
     _check(copy.deepcopy(d))
+
+
+# ------------------------------------------------------------------------------------------
+# schema v2: deployment record and stopping fields; v1 manifests still load
+# ------------------------------------------------------------------------------------------
+
+def _deployment() -> dict:
+    return {"profile": "orin-nx", "backend_order": ["tensorrt", "onnxruntime"], "targets": [
+        {"backend": "onnx", "target": "portable", "requires": {},
+         "runner_options": {"providers": ["CPUExecutionProvider"], "intra_op_threads": 6}}]}
+
+
+def test_deployment_record_round_trips_and_is_validated():
+    d = valid_dict()
+    d["deployment"] = _deployment()
+    m = Manifest.from_dict(d)
+    t = m.deployment.target("onnx", "portable")
+    assert t.runner_options["intra_op_threads"] == 6 and t.requires.arch is None
+    assert Manifest.from_dict(m.to_dict()).to_dict() == m.to_dict()
+    bad = [
+        (["targets", 0, "runner_options", "intra_op_thread"], 1,
+         "deployment.targets[0].runner_options.intra_op_thread: unknown onnxruntime runner "
+         "option (known: allow_spinning, graph_optimization_level"),
+        (["backend_order", 0], "cuda", "deployment.backend_order[0]: expected one of"),
+        (["targets", 0, "target"], "aarch64-cpu",
+         "deployment.targets[0]: no onnx artifacts for target 'aarch64-cpu' cover"),
+        (["targets", 0, "requires", "gpu_compute_capability"], "sm87",
+         "deployment.targets[0].requires.gpu_compute_capability: expected 'major.minor'"),
+    ]
+    for path, value, message in bad:
+        d = valid_dict()
+        d["deployment"] = _deployment()
+        node = d["deployment"]
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(ManifestError) as err:
+            Manifest.from_dict(d)
+        assert message in str(err.value), (path, str(err.value))
+
+
+def test_stopping_skip_fields_are_validated():
+    for field_, value, message in (
+            ("skip_config", "FFF", "stopping.skip_config: 'FFF' is not one of skip_configs"),
+            ("skip_accuracy", {"FF": 0.9}, "expected an accuracy for every skip config (4)"),
+            ("skip_accuracy", {"FF": 1.5, "FT": 0.9, "TF": 0.9, "TT": 0.9},
+             "stopping.skip_accuracy.FF: expected a number <= 1.0")):
+        d = valid_dict()
+        d["stopping"][field_] = value
+        with pytest.raises(ManifestError, match=re.escape(message)):
+            Manifest.from_dict(d)
+
+
+def test_v1_manifest_loads_with_its_annotations_moved_into_the_schema():
+    d = valid_dict()
+    d["schema_version"] = 1
+    del d["deployment"]
+    acc = d["stopping"].pop("skip_accuracy")
+    del d["stopping"]["skip_config"]
+    d["device"] = "orin-nx"
+    d["annotations"] = {"skip_accuracy": acc, "calibration": {"skip_config": "TF"},
+                        "compile": {"backend_order": ["tensorrt", "onnxruntime"]}}
+    m = Manifest.from_dict(d)
+    assert m.schema_version == 2
+    assert m.stopping.skip_accuracy == acc and m.stopping.skip_config == "TF"
+    assert m.deployment.profile == "orin-nx"
+    assert m.deployment.backend_order == ["tensorrt", "onnxruntime"]
+    assert {(t.backend, t.target) for t in m.deployment.targets} == set(m.available_targets())
+    # the upgraded manifest is a valid v2 manifest
+    assert Manifest.from_dict(m.to_dict()).deployment == m.deployment

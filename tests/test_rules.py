@@ -1,4 +1,4 @@
-"""Stopping rules (runtime/rules.py) and their simulation (runtime/simulate.py): hand-computed
+"""Stopping rules (runtime/rules.py) and their simulation (export/simulate.py): hand-computed
 decisions for every rule, the device-dependent look-ahead rule, JSON round trips, clear errors,
 and the vectorised simulation against a plain per-sample sequential loop (hypothesis)."""
 from __future__ import annotations
@@ -12,11 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.exits import latency_at_exits, normalised_entropy, top2_margin
+from export.simulate import latency_at_exits
+from runtime.exits import normalised_entropy, top2_margin
 from runtime.manifest import LatencyEntry, Stopping
 from runtime.rules import (RULES, EntropyRule, FullDepthRule, LookAheadRule, MaxProbRule,
                            PatienceRule, StopContext, make_rule, rule_from_stopping)
-from runtime.simulate import simulate
+from export.simulate import simulate
 
 T0 = "2025-01-31T12:00:00+00:00"
 

@@ -118,3 +118,34 @@ def test_run_reports_accuracy_exits_and_latency(bundle):
     for key in ("accuracy:", "exits: 0: 0", "latency ms: p50", "p95", "p99", "mean",
                 "deadline missed: 0", "skip configs:"):
         assert key in r.stdout, key
+
+
+def test_without_torch_run_and_calibrate_use_the_calibration_set(bundle, monkeypatch):
+    """On a device (torch not installed) the data set cannot be loaded: `run` and `calibrate`
+    read the calibration set beside the bundle, and say so in one line when there is none."""
+    import pipeline.runtime_cmd as rc
+    from pipeline.calib_set import write_calib_set
+
+    monkeypatch.setattr(rc, "_torch_available", lambda: False)
+    r = CliRunner().invoke(cli, ["run", "--bundle", str(bundle), "--limit", "4"])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "pass --npz FILE" in r.output
+    r = CliRunner().invoke(cli, ["calibrate", "--bundle", str(bundle), "--max-drop", "1",
+                                 "--data", "digits"])
+    assert r.exit_code == 1 and "--data needs torch" in r.output
+    rng = np.random.default_rng(0)
+    m = Bundle.open(bundle).manifest
+    write_calib_set(bundle.parent / f"{bundle.name}.calib.npz", m,
+                    rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8),
+                    rng.integers(0, 10, 12), data="random")
+    r = invoke("run", "--bundle", bundle, "--json", "--threads", "1")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["n"] == 12 and rep["split"] == "calib" and rep["data"].endswith("b.calib.npz")
+    r = invoke("calibrate", "--bundle", bundle, "--max-drop", "50", "--threads", "1",
+               "--profile-runs", "0", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["source"] == "images" and out["n"] == 12 and out["data"] == "random"
+    r = CliRunner().invoke(cli, ["calibrate", "--bundle", str(bundle), "--max-drop", "1",
+                                 "--use-probabilities"])
+    assert r.exit_code == 1 and "no per-exit probabilities of FFF" in r.output

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.backends import open_runner
+from runtime.backends import runner_options
 from runtime.backends import tensorrt_cache as rc
 from runtime.backends.tensorrt_runner import (
     EngineNotBuiltError,
@@ -35,8 +35,10 @@ from runtime.backends.tensorrt_runner import (
     TensorRTRunnerError,
 )
 from runtime.bundle import Bundle
+from runtime.errors import ConfigError
 from runtime.executor import SegmentExecutor
-from runtime.manifest import MANIFEST_NAME, Piece, TensorSpec, new_manifest, save_manifest
+from export.manifest_builder import add_artifact_file, add_piece, new_manifest, set_execution
+from runtime.manifest import (MANIFEST_NAME, Piece, TensorSpec, save_manifest)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRT10 = "10.3.0.30"
@@ -335,19 +337,19 @@ def make_bundle(root: Path, opts=OPTS) -> Path:
                      mean=[0.5], std=[0.5], stages=1, tool_version="0.1.0", device="jetson-orin-nano")
     for seed, (variant, skip) in enumerate((("full", False), ("skip", True))):
         pid = f"stage0.{variant}"
-        m.add_piece(Piece(id=pid, kind="stage", stage=0, skip=skip, returns_logits=True,
+        add_piece(m, Piece(id=pid, kind="stage", stage=0, skip=skip, returns_logits=True,
                           inputs=[TensorSpec("x", ["N", 1, 4, 4])],
                           outputs=[TensorSpec("features", ["N", 1, 4, 4]), TensorSpec("logits", ["N", 3])],
                           macs=10, params=5))
         rel = f"onnx/{pid}.onnx"
         onnx.save(_piece_onnx(seed), str(root / rel))
-        m.add_artifact_file(root, pid, rel, backend="onnx", target="portable")
+        add_artifact_file(m, root, pid, rel, backend="onnx", target="portable")
         plan = make_build_plan(root / rel, opts, "10", compute_capability="8.7")  # as export/compile.py
-        m.add_artifact_file(root, pid, rel, backend="tensorrt", target="sm_87-trt10",
+        add_artifact_file(m, root, pid, rel, backend="tensorrt", target="sm_87-trt10",
                             options={"build_plan": plan.to_dict(), "profile_options": dict(opts), "trt_major": 10,
                                      "compute_capability": "8.7", "engines": "built on the device"})
-    m.set_execution("F", [["stage0.full"]])
-    m.set_execution("T", [["stage0.skip"]])
+    set_execution(m, "F", [["stage0.full"]])
+    set_execution(m, "T", [["stage0.skip"]])
     save_manifest(m, root / MANIFEST_NAME)
     return root
 
@@ -387,10 +389,13 @@ def ort_outputs(onnx_path: Path, x: np.ndarray) -> list[np.ndarray]:
 
 
 def trt_runner(bundle: Path, pid="stage0.full", trt=None, cudart=None, **options):
+    """The runner as open_runner makes it, with fake tensorrt / cuda-python modules injected
+    (test seams, not runner options a manifest may carry)."""
     b = Bundle.open(bundle)
     art = b.artifact(pid, "tensorrt")
-    return open_runner("tensorrt", b.artifact_path(pid, "tensorrt"),
-                       {**art.options, "trt": trt, "cudart": cudart, **options})
+    return TensorRTPieceRunner(b.artifact_path(pid, "tensorrt"),
+                               **{**runner_options("tensorrt", art.options, strict=False),
+                                  **options}, trt=trt, cudart=cudart)
 
 
 @pytest.fixture
@@ -523,7 +528,7 @@ def test_stale_or_foreign_engines_are_refused(built, case, match):
         onnx.save(_piece_onnx(7), str(built / "onnx" / "stage0.full.onnx"))
         m = Bundle.open(built, verify=False).manifest.copy()
         for a in m.piece("stage0.full").artifacts:
-            m.add_artifact_file(built, "stage0.full", a.file, backend=a.backend, target=a.target,
+            add_artifact_file(m, built, "stage0.full", a.file, backend=a.backend, target=a.target,
                                 options=a.options, replace=True)
         save_manifest(m, built / MANIFEST_NAME)
     elif case == "options_changed":
@@ -764,10 +769,16 @@ def test_engine_with_two_profiles_picks_a_context_per_profile(tmp_path):
 
 
 # ----------------------------------------------------------------------------- through the executor
-def test_segment_executor_runs_a_bundle_on_the_tensorrt_backend(built):
+def test_segment_executor_runs_a_bundle_on_the_tensorrt_backend(built, monkeypatch):
+    import runtime.backends.tensorrt_runner as tr
+
     trt, cudart = fakes()
+    monkeypatch.setattr(tr, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tr, "import_cudart", lambda: cudart)
     b = Bundle.open(built)
-    ex = SegmentExecutor(b, "tensorrt", options={"trt": trt, "cudart": cudart, "intra_op_threads": 1})
+    with pytest.raises(ConfigError, match="options.intra_op_threads: unknown tensorrt runner"):
+        SegmentExecutor(b, "tensorrt", options={"intra_op_threads": 1}).run_exits(X, "F")
+    ex = SegmentExecutor(b, "tensorrt")
     for cfg, pid in (("F", "stage0.full"), ("T", "stage0.skip")):
         (logits,) = ex.run_exits(X, cfg)
         np.testing.assert_allclose(logits, ort_outputs(built / "onnx" / f"{pid}.onnx", X)[1], rtol=1e-6)

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
+
+from runtime.errors import ConfigError
+from runtime.validate import Validator, field_path, short_repr, type_name
 
 try:  # Python >= 3.11
     import tomllib
@@ -64,74 +67,152 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        checks = [
-            ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
-            ("lr", self.lr > 0, "must be > 0"),
-            ("optimizer", self.optimizer in ("sgd", "adamw"), "must be 'sgd' or 'adamw'"),
-            ("val_fraction", 0.0 < self.val_fraction < 1.0, "must be in (0, 1)"),
-            ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "must be in [0, 1)"),
-            ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
-            ("kd_temperature", self.kd_temperature > 0, "must be > 0"),
-            ("depth_lambda", self.depth_lambda >= 0, "must be >= 0"),
-            ("depth_halting", self.depth_halting in ("confidence", "learned"),
-             "must be 'confidence' or 'learned'"),
-            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "must be in [0, epochs)"),
-            ("ema_decay", 0.0 < self.ema_decay < 1.0, "must be in (0, 1)"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1"),
-            ("exit_threshold", 0.0 < self.exit_threshold <= 1.0, "must be in (0, 1]"),
-            ("bf16", isinstance(self.bf16, bool) or self.bf16 == "auto", "must be true, false or 'auto'"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"train config: {name}={getattr(self, name)!r} {why}")
+    def validate(self, source: str = "train config", prefix: str = "") -> None:
+        """Type- and range-check every field; raise :class:`runtime.errors.ConfigError` naming
+        ``source`` and the first bad field (``prefix.field``)."""
+        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                     Validator(source), prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown training option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
+    def from_dict(cls, data: dict[str, Any], source: str = "config",
+                  prefix: str = "") -> "TrainConfig":
+        """Build from a dict (a config file's table): unknown keys, wrong types and values out of
+        range raise ConfigError naming ``source`` and ``prefix.key`` (e.g. ``train.epochs``)."""
+        v = Validator(source)
+        v.keys(data, prefix, FIELDS)
+        merged = {**_DEFAULTS, **data}
+        check_fields(merged, v, prefix)
         return cls(**data)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or YAML file into a dict (a `[train]` table is used when present)."""
+#: Every option name, and its default.
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_DEFAULTS: dict[str, Any] = {f.name: (f.default if f.default is not dataclasses.MISSING
+                                      else f.default_factory())  # type: ignore[misc]
+                             for f in dataclasses.fields(TrainConfig)}
+
+
+def _nonneg(v: Validator) -> Callable[[object, str], float]:
+    return lambda x, p: v.num(x, p, lo=0)
+
+
+#: field -> check(validator, value, path); every field of TrainConfig has one.
+_CHECKS: dict[str, Callable[[Validator, Any, str], object]] = {
+    "model": lambda v, x, p: v.str_(x, p),
+    "data": lambda v, x, p: v.str_(x, p),
+    "data_root": lambda v, x, p: v.opt_str(x, p),
+    "img_size": lambda v, x, p: v.opt_int(x, p, lo=1),
+    "val_fraction": lambda v, x, p: v.num(x, p, lo=0, lo_open=True, hi=1, hi_open=True),
+    "split_seed": lambda v, x, p: v.int_(x, p),
+    "seed": lambda v, x, p: v.int_(x, p),
+    "out": lambda v, x, p: v.str_(x, p),
+    "epochs": lambda v, x, p: v.int_(x, p, lo=1),
+    "batch_size": lambda v, x, p: v.int_(x, p, lo=1),
+    "eval_batch_size": lambda v, x, p: v.int_(x, p, lo=1),
+    "max_steps": lambda v, x, p: v.opt_int(x, p, lo=1),
+    "optimizer": lambda v, x, p: v.enum(x, p, ("sgd", "adamw")),
+    "lr": lambda v, x, p: v.num(x, p, lo=0, lo_open=True),
+    "momentum": lambda v, x, p: v.num(x, p, lo=0),
+    "weight_decay": lambda v, x, p: v.num(x, p, lo=0),
+    "warmup_epochs": lambda v, x, p: v.num(x, p, lo=0),
+    "min_lr_ratio": lambda v, x, p: v.num(x, p, lo=0, hi=1),
+    "label_smoothing": lambda v, x, p: v.num(x, p, lo=0, hi=1, hi_open=True),
+    "augment": lambda v, x, p: v.bool_(x, p),
+    "self_distill": lambda v, x, p: v.bool_(x, p),
+    "alpha": lambda v, x, p: v.num(x, p, lo=0, hi=1),
+    "kd_temperature": lambda v, x, p: v.num(x, p, lo=0, lo_open=True),
+    "exit_weights": lambda v, x, p: None if x is None else v.list_of(x, p, _nonneg(v), min_len=1),
+    "depth_lambda": lambda v, x, p: v.num(x, p, lo=0),
+    "depth_halting": lambda v, x, p: v.enum(x, p, ("confidence", "learned")),
+    "depth_tau": lambda v, x, p: v.num(x, p),
+    "depth_temperature": lambda v, x, p: v.num(x, p, lo=0, lo_open=True),
+    "depth_beta": lambda v, x, p: v.num(x, p),
+    "depth_costs": lambda v, x, p: None if x is None else v.list_of(x, p, _nonneg(v), min_len=1),
+    "channels_last": lambda v, x, p: v.bool_(x, p),
+    "bf16": lambda v, x, p: v.check(isinstance(x, bool) or x == "auto", p,
+                                    f"expected true, false or \"auto\", got {short_repr(x)}"),
+    "ema": lambda v, x, p: v.bool_(x, p),
+    "ema_decay": lambda v, x, p: v.num(x, p, lo=0, lo_open=True, hi=1, hi_open=True),
+    "threads": lambda v, x, p: v.opt_int(x, p, lo=1),
+    "save_every_steps": lambda v, x, p: v.int_(x, p, lo=0),
+    "exit_threshold": lambda v, x, p: v.num(x, p, lo=0, lo_open=True, hi=1),
+}
+
+
+def check_fields(values: Mapping[str, Any], v: Validator, prefix: str = "",
+                 *, partial: bool = False) -> None:
+    """Check ``values`` (every TrainConfig field) field by field, then across fields.
+    ``partial``: ``values`` holds some fields only (one source's); check those, nothing across."""
+    for name, check in _CHECKS.items():
+        if name in values or not partial:
+            check(v, values[name], field_path(prefix, name))
+    if partial:
+        return
+    v.check(values["warmup_epochs"] < values["epochs"], field_path(prefix, "warmup_epochs"),
+            f"expected a number < epochs ({values['epochs']}), got {short_repr(values['warmup_epochs'])}")
+
+
+def read_config_table(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Read a TOML/YAML/JSON config file: ``(table, prefix)``, where ``table`` is its ``[train]``
+    table (prefix ``"train"``) when it has one, else the whole file (prefix ``""``).
+
+    A missing file raises FileNotFoundError; an unreadable or malformed one ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
-    if path.suffix.lower() == ".toml":
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: invalid TOML: {exc}") from None
-    elif path.suffix.lower() in (".yaml", ".yml"):
+            raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    elif suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ModuleNotFoundError:
-            raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from None
-        data = yaml.safe_load(text) or {}
-    elif path.suffix.lower() == ".json":
-        data = json.loads(text)
+            raise ConfigError(path, "", "YAML configs need PyYAML (pip install pyyaml)") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(path, "", f"invalid YAML: {' '.join(str(exc).split())}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(path, "", f"invalid JSON: {exc}") from None
     else:
-        raise ValueError(f"{path}: config must be .toml, .yaml/.yml or .json")
+        raise ConfigError(path, "", "a config file must be .toml, .yaml/.yml or .json")
+    v = Validator(str(path))
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a table/mapping")
-    return data.get("train", data)
+        v.fail("", f"top level must be a table/mapping, got {type_name(data)}")
+    if "train" in data:
+        return v.keys(data["train"], "train", FIELDS), "train"
+    return data, ""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML file into a dict (a `[train]` table is used when present)."""
+    return read_config_table(path)[0]
 
 
 def build_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults < config file < explicit overrides (None values are ignored)."""
+    """Defaults < config file < explicit overrides (None values are ignored).
+
+    The file is checked on its own first, so an error in it names the file and the field
+    (``recipe.toml: train.epochs: expected an integer, got string``)."""
     data: dict[str, Any] = {}
+    prefix = ""
     if file is not None:
-        data.update(load_config_file(file))
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(data, source=str(file or "options"))
+        data, prefix = read_config_table(file)
+        v = Validator(str(file))
+        v.keys(data, prefix, FIELDS)
+        check_fields(data, v, prefix, partial=True)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given and file is not None:
+        return TrainConfig.from_dict(data, source=str(file), prefix=prefix)
+    source = "command-line options" if file is None else f"{file} with command-line options"
+    return TrainConfig.from_dict({**data, **given}, source=source, prefix=prefix)

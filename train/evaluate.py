@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from runtime.exits import max_prob_exits, outcome_at_exits
+from export.simulate import max_prob_exits, outcome_at_exits
 from train.data import ImageDataset, iterate_batches, normalize_batch
 from train.models.base import AdaptiveDepthNet, SkipConfig, all_skip_configs, skip_to_str
 

@@ -24,6 +24,7 @@ from train.models.base import AdaptiveDepthNet, skip_to_str
 from train.models.macs import macs_per_exit, piece_macs
 from train.precision import resolve_bf16
 from train.schedule import build_optimizer, build_scheduler, param_groups
+from runtime.errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_NAME = "model.pt"
@@ -85,7 +86,7 @@ class Trainer:
         if cfg.depth_lambda > 0:
             if cfg.depth_costs is not None:
                 if len(cfg.depth_costs) != S:
-                    raise ValueError(f"depth_costs has {len(cfg.depth_costs)} values, the model has {S} exits")
+                    raise UsageError(f"depth_costs has {len(cfg.depth_costs)} values, the model has {S} exits")
                 total = float(sum(cfg.depth_costs))
                 costs = [c / total for c in cfg.depth_costs]
             else:
@@ -128,7 +129,7 @@ class Trainer:
         saved = TrainConfig.from_dict(state["config"], source=str(path))
         for name in ("model", "data", "batch_size", "epochs", "seed", "split_seed", "val_fraction"):
             if getattr(saved, name) != getattr(self.cfg, name):
-                raise ValueError(f"cannot resume {path}: {name} was {getattr(saved, name)!r}, "
+                raise UsageError(f"cannot resume {path}: {name} was {getattr(saved, name)!r}, "
                                  f"now {getattr(self.cfg, name)!r}")
         self.model.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])

@@ -2,9 +2,9 @@
 
     python app.py --bundle BUNDLE --images DIR --budget-ms 2
 
-A small on-device app: it uses only ``runtime/`` (numpy + one backend, never torch), reads
-images with PIL when it is installed (PNG, JPEG, BMP, ...), else ``.npy`` arrays and binary or
-ASCII PGM files with its own reader, and prints one line per image and a summary.
+A small on-device app: it uses only ``runtime/`` (numpy + one backend, never torch). Images are
+read with ``runtime.images``: PGM/PPM and ``.npy`` arrays with numpy alone, and anything PIL
+reads (PNG, JPEG, BMP, ...) when PIL is installed. It prints one line per image and a summary.
 """
 from __future__ import annotations
 
@@ -16,87 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # the runtime as installed (pip install '.[runtime]' + the project), else this checkout
+try:  # the runtime as installed (pip install the project: numpy + onnxruntime), else this checkout
     import runtime  # noqa: F401
 except ImportError:  # pragma: no cover - running from a source tree without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from runtime import AdaptiveModel  # noqa: E402
-
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-OWN_SUFFIXES = (".npy", ".pgm")
-
-
-def _have_pil() -> bool:
-    try:
-        import PIL.Image  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def read_pgm(path: Path) -> np.ndarray:
-    """A binary (P5) or ASCII (P2) PGM file as uint8 (H, W); 16-bit PGMs are scaled down."""
-    data = path.read_bytes()
-    magic = data[:2]
-    if magic not in (b"P5", b"P2"):
-        raise ValueError(f"{path}: not a PGM file (magic {magic!r})")
-    fields: list[bytes] = []
-    i = 2
-    while len(fields) < 3:  # width, height, maxval; '#' comments allowed between them
-        while i < len(data) and data[i:i + 1].isspace():
-            i += 1
-        if data[i:i + 1] == b"#":
-            while i < len(data) and data[i:i + 1] not in (b"\n", b"\r"):
-                i += 1
-            continue
-        j = i
-        while j < len(data) and not data[j:j + 1].isspace():
-            j += 1
-        fields.append(data[i:j])
-        i = j
-    w, h, maxval = (int(f) for f in fields)
-    if magic == b"P5":
-        i += 1  # exactly one whitespace byte before the raster
-        dtype = np.uint8 if maxval < 256 else np.dtype(">u2")
-        arr = np.frombuffer(data, dtype=dtype, count=w * h, offset=i).reshape(h, w)
-    else:
-        arr = np.array(data[i:].split()[:w * h], dtype=np.int64).reshape(h, w)
-    if maxval != 255:
-        arr = np.round(arr.astype(np.float64) * 255.0 / maxval)
-    return arr.astype(np.uint8)
+from runtime.images import image_suffixes, load_image  # noqa: E402
 
 
 def read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
     """uint8 (H, W) for 1-channel models, (H, W, C) otherwise, of the model's size."""
-    H, W = size
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif suffix == ".pgm" and not _have_pil():
-        arr = read_pgm(path)
-    else:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (W, H):
-                if not resize:
-                    raise ValueError(f"image is {im.size[0]}x{im.size[1]}, the model takes {W}x{H} "
-                                     "(pass --resize)")
-                im = im.resize((W, H), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {arr.dtype}")
-    if channels == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.shape[:2] != (H, W):
-        raise ValueError(f"image is {arr.shape[1]}x{arr.shape[0]}, the model takes {W}x{H}")
-    return arr
+    return load_image(path, (channels, *size), resize=resize)
 
 
 def list_images(folder: Path) -> list[Path]:
-    suffixes = (PIL_SUFFIXES if _have_pil() else ()) + OWN_SUFFIXES
+    suffixes = image_suffixes()
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
@@ -149,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             p = model.predict(arr, budget_ms=args.budget_ms, rule=args.rule)
         except (ValueError, OSError) as exc:
             failed += 1
-            print(f"{name}: ERROR {exc}")
+            reason = getattr(exc, "reason", None) or str(exc)  # ImageError: without the path
+            print(f"{name}: ERROR {reason}")
             continue
         lat.append(p.latency_ms)
         exits.append(p.exit_index)

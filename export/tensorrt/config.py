@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,9 @@ MODELOPT_QUANTIZE_CMD = ("python -m modelopt.onnx.quantization --onnx_path {onnx
 
 # --------------------------------------------------------------------------------------- errors
 from runtime.backends.tensorrt_cache import EngineNotBuiltError as _RuntimeEngineNotBuiltError  # noqa: E402
+from runtime.errors import PipelineError  # noqa: E402
 
-class TensorRTError(RuntimeError):
+class TensorRTError(PipelineError, RuntimeError):
     """Base class of every error raised by ``export.tensorrt``."""
 
 

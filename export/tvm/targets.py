@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from runtime.errors import UsageError
+from runtime.host import machine_arch, normalize_arch
 
 __all__ = [
     "SUPPORTED_KINDS",
@@ -51,8 +53,6 @@ _JETSON_HOST_CPU = {
     "sm_110": "neoverse-v3ae",  # Jetson Thor (CUDA >= 13 name)
 }
 
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "aarch64_be": "aarch64"}
-
 # Cross compilers (Debian package names in brackets) by the CPU architecture of the code.
 _CROSS_CXX = {
     "aarch64": "aarch64-linux-gnu-g++",  # g++-aarch64-linux-gnu
@@ -64,20 +64,13 @@ _CROSS_CXX = {
 _CUDA_ARCH_RE = re.compile(r"^sm_(\d+)[af]?$")
 
 
-class TargetError(ValueError):
+class TargetError(UsageError):
     """A target dict is malformed or names something TVM cannot compile for."""
-
-
-def _normalize_arch(name: str) -> str:
-    name = name.lower()
-    if name.startswith(("armv7", "armv8l", "armv6", "arm-", "armhf")) or name == "arm":
-        return "arm"
-    return _ARCH_ALIASES.get(name, name)
 
 
 def build_machine_arch() -> str:
     """CPU architecture of the machine running the compiler (``x86_64``, ``aarch64``, ...)."""
-    return _normalize_arch(platform.machine() or "x86_64")
+    return machine_arch()
 
 
 def default_cuda_host(arch: str) -> dict[str, Any]:
@@ -224,7 +217,7 @@ def target_arch(target: Mapping[str, Any]) -> str:
     triple = host.get("mtriple")
     if not triple:
         return build_machine_arch()
-    return _normalize_arch(triple.split("-", 1)[0])
+    return normalize_arch(triple.split("-", 1)[0])
 
 
 def is_native(target: Mapping[str, Any]) -> bool:
@@ -238,7 +231,7 @@ def _slug_part(text: str) -> str:
 
 def _llvm_slug(t: Mapping[str, Any]) -> str:
     triple = t.get("mtriple")
-    arch = _normalize_arch(triple.split("-", 1)[0]) if triple else build_machine_arch()
+    arch = normalize_arch(triple.split("-", 1)[0]) if triple else build_machine_arch()
     return f"{arch}-{_slug_part(t.get('mcpu') or 'llvm')}"
 
 

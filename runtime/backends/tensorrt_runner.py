@@ -60,6 +60,7 @@ from runtime.backends.tensorrt_cache import (
     sm_tag,
     version_str,
 )
+from runtime.errors import UsageError
 from runtime.manifest import MANIFEST_NAME, Manifest, Piece
 
 __all__ = ["ENGINE_SUFFIXES", "EngineNotBuiltError", "EngineShapeError", "TensorRTImportError",
@@ -84,7 +85,7 @@ class TensorRTRunnerError(RuntimeError):
     """A TensorRT or CUDA call failed (deserialisation, context creation, execution, copies)."""
 
 
-class EngineShapeError(ValueError):
+class EngineShapeError(UsageError):
     """The inputs do not fit the engine: missing names, wrong rank or sizes, batch outside the profile."""
 
 
@@ -676,3 +677,60 @@ class TensorRTPieceRunner:
     def __repr__(self) -> str:
         return (f"TensorRTPieceRunner({str(self.engine_path)!r}, piece={self.piece_id!r}, "
                 f"TensorRT {version_str(self.trt_version)}, {sm_tag(self.compute_capability)})")
+
+
+# -- backend registry interface (runtime/backends/__init__.py) -----------------------------------
+
+def open_runner(path: str | Path, options: dict[str, Any], *, input_names=None, output_names=None,
+                data: bytes | None = None) -> "TensorRTPieceRunner":
+    """The engine built on this device for the piece whose ONNX is at ``path``.
+
+    ``data`` (the ONNX's verified bytes) is not loaded: the engine runs, and its sidecar's
+    ONNX sha256 is checked against the manifest when it is found.
+    """
+    return TensorRTPieceRunner(path, input_names=input_names, output_names=output_names,
+                               **options)
+
+
+def _gpu_and_tensorrt() -> tuple[str | None, str | None]:
+    """(compute capability of GPU 0, installed TensorRT version), each None when it cannot be
+    read without importing tensorrt / CUDA (nvidia-smi, package metadata)."""
+    from runtime.host import nvidia_gpus, package_versions
+
+    gpus = nvidia_gpus()
+    cc = gpus[0].get("compute_capability") if gpus else None
+    version = package_versions().get("tensorrt")
+    return cc, (None if version in (None, "unknown") else version)
+
+
+def why_unusable(bundle: Any, target: str, artifacts: list) -> str | None:
+    """Why the engines under ``engines/`` cannot serve this GPU, or None.
+
+    When this GPU's compute capability (``nvidia-smi``) and the installed TensorRT version
+    (package metadata) can be read without importing anything heavy, each piece's engine is
+    looked up exactly as the runner will (``find_engine``: directory
+    ``engines/<sm>_trt<version>/``, the sidecar's ONNX sha256, build options and cache key;
+    the engine's own sha256 is left to the runner). Otherwise (Jetson without nvidia-smi,
+    TensorRT from apt without metadata) only the presence of ``engines/*/<piece>.plan`` is
+    checked and the runner reports a mismatch when it opens the engine.
+    """
+    pieces = [pid for pid, _ in artifacts]
+    engines = bundle.root / "engines"
+    missing = [pid for pid in pieces
+               if not (engines.is_dir() and any(engines.glob(f"*/{pid}.plan")))]
+    if missing:
+        return (f"TensorRT engines not built for this bundle ({len(missing)} of {len(pieces)} "
+                f"pieces missing, e.g. {missing[0]!r}): run `pipeline engines --bundle "
+                f"{bundle.root}` on the device")
+    cc, version = _gpu_and_tensorrt()
+    if cc is None or version is None:
+        return None  # not determinable cheaply: the runner checks when it opens the engine
+    for pid, art in artifacts:
+        plan = (art.options or {}).get("build_plan")
+        try:
+            find_engine(bundle.root, pid, bundle.resolve(art.file), compute_capability=cc,
+                        trt_version=version, build_plan=plan if isinstance(plan, Mapping) else None,
+                        verify=False)
+        except (EngineNotBuiltError, ValueError) as exc:
+            return " ".join(str(exc).split())
+    return None

@@ -202,3 +202,19 @@ class TVMPieceRunner:
 
     def __repr__(self) -> str:
         return f"TVMPieceRunner({str(self.path)!r}, device={self.device!r}, batch={self.batch})"
+
+
+# -- backend registry interface (runtime/backends/__init__.py) -----------------------------------
+
+def open_runner(path: str | os.PathLike, options: dict[str, Any], *, input_names=None,
+                output_names=None, data: bytes | None = None) -> "TVMPieceRunner":
+    """A Relax VM over one compiled piece library (a private copy of the verified bytes)."""
+    return TVMPieceRunner(path, device=options.get("device", "cpu"), batch=options.get("batch"),
+                          input_names=input_names, output_names=output_names,
+                          library_bytes=data)
+
+
+def why_unusable(bundle: Any, target: str, artifacts: list) -> str | None:
+    """Nothing beyond the generic checks: architecture, ISA flags and GPU come from the
+    deployment record, the library from the registry."""
+    return None

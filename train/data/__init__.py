@@ -7,14 +7,14 @@ from .augment import AugmentSpec, augment_batch, normalize_batch
 from .cifar import CIFARFormatError
 from .idx import IDXFormatError, read_idx
 from .imagefolder import ImageFolderDataset
-from .loader import (DataNotFoundError, DatasetBundle, ImageDataset, channel_stats, epoch_indices,
+from .loader import (DataError, DataNotFoundError, DatasetBundle, ImageDataset, channel_stats, epoch_indices,
                      iterate_batches, num_batches)
 from .registry import DATASETS, FASHION_MNIST_CLASSES, load_dataset
 from .splits import index_digest, stratified_split
 
 __all__ = [
     "AugmentSpec", "augment_batch", "normalize_batch", "CIFARFormatError", "IDXFormatError",
-    "read_idx", "ImageFolderDataset", "DataNotFoundError", "DatasetBundle", "ImageDataset",
+    "read_idx", "ImageFolderDataset", "DataError", "DataNotFoundError", "DatasetBundle", "ImageDataset",
     "channel_stats", "epoch_indices", "iterate_batches", "num_batches", "DATASETS",
     "FASHION_MNIST_CLASSES", "load_dataset", "index_digest", "stratified_split",
 ]

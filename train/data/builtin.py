@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .loader import DataNotFoundError
+from .loader import DataError, DataNotFoundError
 
 
 def mnist5k_path() -> Path:
@@ -31,7 +31,7 @@ def load_mnist5k() -> tuple[Tensor, Tensor, list[str]]:
     path = mnist5k_path()
     arr = np.loadtxt(path, delimiter=",", dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"{path}: expected rows of 784 pixels + label, got shape {arr.shape}")
+        raise DataError(f"{path}: expected rows of 784 pixels + label, got shape {arr.shape}")
     x = np.clip(np.rint(arr[:, :-1]), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     y = arr[:, -1].astype(np.int64)
     return torch.from_numpy(x), torch.from_numpy(y), [str(i) for i in range(10)]

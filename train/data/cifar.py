@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loader import DataNotFoundError
+from .loader import DataError, DataNotFoundError
 
 CIFAR_URLS = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -33,8 +33,8 @@ _ALLOWED = {
 }
 
 
-class CIFARFormatError(ValueError):
-    """A CIFAR pickle is unreadable or has unexpected contents."""
+#: A CIFAR pickle is unreadable or has unexpected contents: a :class:`DataError`.
+CIFARFormatError = DataError
 
 
 class _SafeUnpickler(pickle.Unpickler):

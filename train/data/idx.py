@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .loader import DataNotFoundError
+from .loader import DataError, DataNotFoundError
 
 # type code -> numpy big-endian dtype (IDX spec)
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class IDXFormatError(ValueError):
-    """An IDX file is corrupt (bad magic, truncated, wrong shape)."""
+#: An IDX file is corrupt (bad magic, truncated, wrong shape): a :class:`DataError`.
+IDXFormatError = DataError
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .loader import DataNotFoundError, ImageDataset
+from .loader import DataError, DataNotFoundError, ImageDataset
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                   ".pgm", ".pbm")
@@ -61,7 +61,7 @@ def load_image(path: str, img_size: int, mode: str) -> np.ndarray:
                 im = im.crop((left, top, left + img_size, top + img_size))
             return np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read image {path}: {e}") from e
 
 
 def scan_class_folders(root: Path, class_names: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
@@ -70,7 +70,7 @@ def scan_class_folders(root: Path, class_names: list[str] | None = None) -> tupl
     if class_names is None:
         class_names = found
     elif unknown := sorted(set(found) - set(class_names)):
-        raise ValueError(f"{root}: class folders {unknown} are not in the train split")
+        raise DataError(f"{root}: class folders {unknown} are not in the train split")
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):

@@ -15,11 +15,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from runtime.errors import PipelineError
+
 from .augment import AugmentSpec
 
 
-class DataNotFoundError(FileNotFoundError):
-    """A dataset's files are missing; the message lists where we looked and how to get them."""
+class DataError(PipelineError, ValueError):
+    """A data set cannot be used: an unknown name or option, a corrupt or malformed file (IDX,
+    CIFAR pickle, CSV, image). The message names the file. ``pipeline`` prints it as one
+    ``Error:`` line. Also a ValueError, as the per-format errors it replaces were."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset's files are missing; the message lists where we looked and how to get them.
+    Also a FileNotFoundError."""
 
 
 @dataclass(eq=False, repr=False)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import builtin, cifar, idx, imagefolder, synthetic
 from .augment import AugmentSpec
-from .loader import DataNotFoundError, DatasetBundle, ImageDataset, channel_stats
+from .loader import DataError, DataNotFoundError, DatasetBundle, ImageDataset, channel_stats
 from .splits import TEST_FRACTION, index_digest, stratified_split, train_val_test_split
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -63,7 +63,7 @@ def canonical_name(name: str) -> str:
     key = _ALIASES.get(key, key)
     if key in DATASETS:
         return key
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} "
+    raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} "
                      f"(or a path to an image folder)")
 
 
@@ -111,7 +111,7 @@ def _load_idx(name: str, root: str | None, subdir: str, **kw: Any) -> DatasetBun
     names = FASHION_MNIST_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
     n_cls = int(max(train[1].max(), test[1].max())) + 1
     if n_cls > len(names) or int(min(train[1].min(), test[1].min())) < 0:
-        raise idx.IDXFormatError(f"{d}: labels outside 0..{len(names) - 1}")
+        raise DataError(f"{d}: labels outside 0..{len(names) - 1}")
     return _in_memory_bundle(name, train, test, names, root=str(d), **kw)
 
 
@@ -179,7 +179,7 @@ def load_dataset(name: str, root: str | None = None, *, val_fraction: float = 0.
                                  extra={"test_source": "generated", "synthetic": opts}, **{**kw, "img_size": None})
     try:
         key = canonical_name(name)
-    except ValueError:
+    except DataError:
         if os.sep in name or Path(name).expanduser().is_dir():
             return _load_imagefolder(name, **kw)
         raise

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .loader import DataError
+
 
 def make_templates(num_classes: int, in_chans: int, img_size: int, seed: int) -> Tensor:
     """Float (K, C, H, W) templates in [-1, 1]: upsampled 4x4 random grids."""
@@ -32,8 +34,8 @@ def make_synthetic(n_train: int = 512, n_test: int | None = None, *, num_classes
                        tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[str]]:
     """((train x, y), (test x, y), class names); same templates, independent samples."""
     if num_classes < 2 or in_chans < 1 or img_size < 4 or n_train < num_classes:
-        raise ValueError("synthetic data needs >= 2 classes, >= 1 channel, img_size >= 4 and "
-                         "at least one train sample per class")
+        raise DataError("synthetic data needs >= 2 classes, >= 1 channel, img_size >= 4 and "
+                        "at least one train sample per class")
     n_test = max(n_train // 4, num_classes) if n_test is None else n_test
     templates = make_templates(num_classes, in_chans, img_size, seed)
     train = make_split(n_train, templates, seed * 2 + 1)
@@ -49,7 +51,7 @@ def parse_options(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, val = part.partition("=")
-        if not sep or key.strip() not in keys:
-            raise ValueError(f"bad synthetic option {part!r}; use {', '.join(keys)} (key=int)")
+        if not sep or key.strip() not in keys or not val.strip().lstrip("-").isdigit():
+            raise DataError(f"bad synthetic option {part!r}; use {', '.join(keys)} (key=int)")
         out[keys[key.strip()]] = int(val)
     return out

@@ -8,6 +8,7 @@ from typing import TypeVar
 import torch
 
 from .base import AdaptiveDepthNet, all_skip_configs
+from runtime.errors import UsageError
 
 EntryFn = Callable[..., AdaptiveDepthNet]
 F = TypeVar("F", bound=EntryFn)
@@ -51,7 +52,7 @@ def register_model(fn: F | None = None, *, name: str | None = None, family: str 
 
 def _entry(name: str) -> EntryFn:
     if name not in _ENTRIES:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_ENTRIES))}")
+        raise UsageError(f"unknown model {name!r}; known models: {', '.join(sorted(_ENTRIES))}")
     return _ENTRIES[name]
 
 

@@ -37,9 +37,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .exits import first_exit_where, normalised_entropy
-from .rules import RULES, STATISTICS, LookAheadRule, StopContext, StoppingRule, make_rule
-from .simulate import check_labels, check_probs, simulate
+from runtime.exits import normalised_entropy
+from runtime.rules import RULES, STATISTICS, LookAheadRule, StopContext, StoppingRule, make_rule
+from export.simulate import check_labels, check_probs, first_exit_where, simulate
 
 __all__ = [
     "CalibrationResult",
@@ -98,13 +98,17 @@ class CalibrationResult:
                 "exit_histogram": list(self.exit_histogram), "target": dict(self.target),
                 "details": self.details}
 
-    def to_stopping(self, created: Optional[str] = None):
-        """The manifest's ``Stopping`` record for this result."""
-        from .manifest import Stopping, utc_now_iso
-        return Stopping(rule=self.rule_name, params=dict(self.params),
+    def to_stopping(self, created: Optional[str] = None, *, skip_config: Optional[str] = None,
+                    skip_accuracy: Optional[Mapping[str, float]] = None):
+        """The manifest's ``Stopping`` record for this result, calibrated for ``skip_config``,
+        with every configuration's full-depth validation accuracy."""
+        from runtime.jsonsafe import json_safe
+        from runtime.manifest import Stopping, utc_now_iso
+        return Stopping(rule=self.rule_name, params=json_safe(dict(self.params)),
                         val_accuracy=min(1.0, max(0.0, self.val_accuracy)),
                         mean_latency_ms=max(0.0, self.mean_latency_ms),
-                        created=created or utc_now_iso())
+                        created=created or utc_now_iso(), skip_config=skip_config,
+                        skip_accuracy={k: float(v) for k, v in (skip_accuracy or {}).items()})
 
 
 # ================================================================================================
