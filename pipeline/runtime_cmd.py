@@ -69,10 +69,12 @@ def load_model(bundle: Path, backend: Optional[str], device: Optional[str],
     except (BackendUnavailableError, UnknownDeviceError) as exc:
         raise UsageError(" ".join(str(exc).split())) from None
     ch = model.choice
+    running = model.describe_backend()  # what runs: providers and threads of the sessions
     if ch is not None and ch.skipped:
         for b, why in ch.skipped.items():
             click.echo(f"note: skipped backend {b}: {why}", err=True)
-        click.echo(f"note: using {ch.backend} ({ch.target})", err=True)
+    if (ch is not None and ch.skipped) or "asked" in running:
+        click.echo(f"note: using {running}", err=True)
     return model
 
 

@@ -116,8 +116,8 @@ def _prediction(class_id: int, class_name: str, probabilities: np.ndarray, exit_
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed in float64, returned as float32."""
-    z = np.array(logits, dtype=np.float64)  # a private copy: the steps below work in place
+    """Row-wise softmax in float32 (max-subtracted: exact to float32 rounding)."""
+    z = np.array(logits, dtype=np.float32)  # a private copy: the steps below work in place
     if z.ndim == 2 and z.shape[0] == 1:  # batch 1: whole-array reductions, same values
         z -= z.max()
         np.exp(z, out=z)
@@ -126,7 +126,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
         z -= z.max(axis=-1, keepdims=True)
         np.exp(z, out=z)
         z /= z.sum(axis=-1, keepdims=True)
-    return z.astype(np.float32)
+    return z
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +136,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 RuleLike = Union[None, str, Any]
 
 _UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)
+_ONE = np.float32(1.0)
 #: Built-in rules whose stop() reads nothing from the StopContext but ``num_exits``.
 _CTX_FREE_RULES = (MaxProbRule, EntropyRule, PatienceRule, FullDepthRule)
 #: Threshold rules decided inline at exits k < S-1 (exact type only; a subclass may override
@@ -520,15 +521,15 @@ class AdaptiveModel:
                 break
             if decide and m == 1 and inline is _MAX_PROB_INLINE and not first_miss:
                 # batch-1 max_prob: softmax's own steps up to the sum s; the top probability is
-                # exactly float32(1 / s) (its exp is exp(0) = 1), so the full softmax is only
-                # computed for an answer (here, or by a later deadline stop from `logits`)
-                z = np.array(logits, dtype=np.float64)
+                # exactly 1 / s (its exp is exp(0) = 1), so the full softmax is only computed
+                # for an answer (here, or by a later deadline stop from `logits`)
+                z = np.array(logits, dtype=np.float32)
                 z -= z.max()
                 np.exp(z, out=z)
                 total = z.sum()
-                if np.float32(1.0 / total) >= stop_rule._threshold(k):
+                if _ONE / total >= stop_rule._threshold(k):
                     z /= total
-                    finish(None, z.astype(np.float32), k, "rule")
+                    finish(None, z, k, "rule")
                     break
                 continue
             if decide:

@@ -105,12 +105,16 @@ def test_threads_clamped_to_usable_cores_with_one_warning(tiny_onnx, monkeypatch
     with pytest.warns(ortr.ThreadClampWarning) as rec:
         r = ortr.ORTPieceRunner(tiny_onnx, intra_op_threads=6, inter_op_threads=4)
     assert [str(w.message) for w in rec] == [
-        "onnxruntime: intra_op_threads 6 > 2 usable cores; using 2",
+        "onnxruntime: intra_op_threads 6 > 2 usable cores; using 2, without worker spinning "
+        "(allow_spinning=true keeps it)",
         "onnxruntime: inter_op_threads 4 > 2 usable cores; using 2"]
     assert issubclass(ortr.ThreadClampWarning, RuntimeWarning)
     assert (r.intra_op_threads, r.inter_op_threads, r.threads_requested) == (2, 2, (6, 4))
     so = r.session.get_session_options()
     assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 2)
+    # clamped: the workers do not spin (they would take the cores the calls need) ...
+    assert r.allow_spinning is False
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     _run_ok(r)
     # once per process: the other pieces of the bundle open silently
     with warnings.catch_warnings():
@@ -119,7 +123,10 @@ def test_threads_clamped_to_usable_cores_with_one_warning(tiny_onnx, monkeypatch
         assert r2.intra_op_threads == 2
         # within the cores: untouched
         r3 = ortr.ORTPieceRunner(tiny_onnx, intra_op_threads=1, inter_op_threads=1)
+        # ... unless asked to; within the cores onnxruntime's default stands
+        r4 = ortr.ORTPieceRunner(tiny_onnx, intra_op_threads=6, allow_spinning=True)
     assert (r3.intra_op_threads, r3.session.get_session_options().intra_op_num_threads) == (1, 1)
+    assert (r3.allow_spinning, r4.allow_spinning) == (None, True)
 
 
 def test_unset_threads_follow_a_restricted_cpu_set(tiny_onnx, monkeypatch, fresh_warnings):
@@ -243,7 +250,8 @@ def test_jetson_profile_options_on_a_smaller_host(bundles, images, monkeypatch, 
     assert m.backend == "onnx" and m.choice.options["intra_op_threads"] == 6
     got = {type(w.message).__name__: str(w.message) for w in caught}
     assert got["ThreadClampWarning"] == ("onnxruntime: intra_op_threads 6 > 2 usable cores; "
-                                         "using 2")
+                                         "using 2, without worker spinning "
+                                         "(allow_spinning=true keeps it)")
     assert "CUDAExecutionProvider" in got["ProviderUnavailableWarning"]
     assert sum(isinstance(w.message, ortr.ThreadClampWarning) for w in caught) == 1  # once
     runners = list(m.executor._runners.values())

@@ -692,8 +692,8 @@ def test_inline_threshold_rules_equal_their_stop_method(model, images):
         assert len(exits) > 1, fast
     with pytest.raises(ValueError, match="no threshold for exit 1"):
         model.predict(images[0], rule=MaxProbRule([1.0]))  # one entry, two decisions
-    # the batch-1 max_prob shortcut: the top softmax probability is float32(1 / sum(exp(z -
-    # max z))), bit for bit, ties and extreme logits included
+    # the batch-1 max_prob shortcut: the top softmax probability is 1 / sum(exp(z - max z)) in
+    # float32, bit for bit, ties and extreme logits included
     from runtime.model import softmax
 
     rng = np.random.default_rng(0)
@@ -701,10 +701,10 @@ def test_inline_threshold_rules_equal_their_stop_method(model, images):
         z = (rng.standard_normal((1, 10)) * (10.0 ** rng.integers(-3, 4))).astype(np.float32)
         if i % 7 == 0:
             z[0, 3] = z[0, 5] = z.max()
-        e = np.array(z, dtype=np.float64)
+        e = np.array(z, dtype=np.float32)
         e -= e.max()
         np.exp(e, out=e)
-        assert np.float32(1.0 / e.sum()) == softmax(z).max(), z
+        assert np.float32(1.0) / e.sum() == softmax(z).max(), z
 
 
 def test_rules_get_a_context_with_this_configurations_costs(bundles, images, tmp_path):

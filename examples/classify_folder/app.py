@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.images.is_dir():
         print(f"error: {args.images}: not a folder", file=sys.stderr)
         return 2
+    # the runtime's warnings (threads clamped, a provider missing) as one line each
+    warnings.formatwarning = lambda message, category, *_a, **_k: \
+        f"warning: {category.__name__}: {message}\n"
     t_load = time.perf_counter()
     try:
         model = AdaptiveModel.load(args.bundle, backend=args.backend, warn=False,
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         print(f"error: no images in {args.images}", file=sys.stderr)
         return 2
+    print(f"# running: {model.describe_backend()}", file=sys.stderr)
     print(f"# {model.manifest.model.name}: {S} exits, backend {model.backend} ({model.target}), "
           f"rule {model.rule_name or 'none (full depth)'}, budget "
           f"{'none' if args.budget_ms is None else f'{args.budget_ms:g} ms'}; {len(images)} images; "

@@ -73,7 +73,8 @@ def clamp_threads(intra_op_threads: Optional[int], inter_op_threads: Optional[in
     intra, inter = int(intra_op_threads or 0), int(inter_op_threads or 0)
     if intra > cores:
         _warn_once(("intra", intra, cores),
-                   f"onnxruntime: intra_op_threads {intra} > {cores} usable cores; using {cores}",
+                   f"onnxruntime: intra_op_threads {intra} > {cores} usable cores; using {cores}, "
+                   "without worker spinning (allow_spinning=true keeps it)",
                    ThreadClampWarning)
         intra = cores
     elif intra == 0 and cores < (os.cpu_count() or cores):
@@ -84,6 +85,16 @@ def clamp_threads(intra_op_threads: Optional[int], inter_op_threads: Optional[in
                    ThreadClampWarning)
         inter = cores
     return intra, inter
+
+
+def spinning(allow_spinning: Optional[bool], requested_intra: int, intra: int) -> Optional[bool]:
+    """Whether intra-op workers spin between calls: an explicit choice wins; threads clamped
+    below what the options asked (a profile made for a machine with more cores) do not spin,
+    since spinning workers then take the cores the calls need (50-70 ms stalls on 2 cores with
+    a 6-core profile, docs/runtime.md); else onnxruntime's default (None)."""
+    if allow_spinning is None and int(requested_intra or 0) > intra:
+        return False
+    return allow_spinning
 
 
 def session_options(intra_op_threads: int | None = None, inter_op_threads: int | None = None,
@@ -104,7 +115,9 @@ def session_options(intra_op_threads: int | None = None, inter_op_threads: int |
         raise ValueError(f"graph_optimization_level {graph_optimization_level!r}: expected one of "
                          f"{', '.join(_LEVELS)}")
     if clamp:
+        requested = int(intra_op_threads or 0)
         intra_op_threads, inter_op_threads = clamp_threads(intra_op_threads, inter_op_threads)
+        allow_spinning = spinning(allow_spinning, requested, intra_op_threads)
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[graph_optimization_level])
     if intra_op_threads:
@@ -205,8 +218,10 @@ class ORTPieceRunner:
         self.threads_requested = (int(intra_op_threads or 0), int(inter_op_threads or 0))
         self.intra_op_threads, self.inter_op_threads = clamp_threads(intra_op_threads,
                                                                      inter_op_threads)
+        self.allow_spinning = spinning(allow_spinning, self.threads_requested[0],
+                                       self.intra_op_threads)
         so = session_options(self.intra_op_threads, self.inter_op_threads,
-                             graph_optimization_level, allow_spinning=allow_spinning,
+                             graph_optimization_level, allow_spinning=self.allow_spinning,
                              clamp=False)
         if model_bytes is None and not self.path.is_file():
             raise FileNotFoundError(f"ONNX file not found: {self.path}")
