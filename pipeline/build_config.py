@@ -28,19 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from runtime.errors import ConfigError
+from runtime.backends import BACKENDS  # the registry's
 from runtime.validate import Validator, type_name
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from train.config import read_config_file
 
 __all__ = ["BuildSection", "ExportSection", "ProfileSection", "CalibrateSection",
            "EvaluateSection", "AcceptanceSection", "BuildConfig", "load_build_file",
            "build_config", "dump_toml", "content_hash", "SECTIONS", "RULES_FOR_CURVES"]
 
-from runtime.backends import BACKENDS  # noqa: E402  (the registry's)
 RULES_FOR_CURVES = ("max_prob", "entropy", "patience", "lookahead")
 PROFILE_MODES = ("quick", "standard", "full")
 
@@ -291,35 +286,7 @@ def content_hash(obj: Any) -> str:
 
 def load_build_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON build config into a dict of sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"build config file not found: {path}")
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(path, "", f"invalid TOML: {exc}") from None
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ModuleNotFoundError:
-            raise ConfigError(path, "", "YAML configs need PyYAML (pip install pyyaml)") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(path, "", f"invalid YAML: {' '.join(str(exc).split())}") from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(path, "", f"invalid JSON: {exc}") from None
-    else:
-        raise ConfigError(path, "", "a build config must be .toml, .yaml/.yml or .json")
-    if not isinstance(data, dict):
-        raise ConfigError(path, "", f"top level must be a table/mapping, got {type_name(data)}")
-    return data
+    return read_config_file(path, "build config file")
 
 
 def build_config(file: str | Path | None = None,

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from runtime.errors import PipelineError
+from runtime.errors import FileError
 
 __all__ = ["CALIB_NAME", "MAX_IMAGES", "MAX_IMAGE_BYTES", "MAX_PROB_BYTES", "SCHEMA",
            "CalibSetError", "CalibSet", "write_calib_set", "load_calib_set", "find_calib_set",
@@ -51,16 +51,8 @@ MAX_PROB_BYTES = 32 * 2**20
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class CalibSetError(PipelineError, ValueError):
+class CalibSetError(FileError):
     """A calibration set that cannot be read or does not belong to the bundle."""
-
-    def __init__(self, file: object, reason: str):
-        self.file = os.fspath(file) if isinstance(file, (str, os.PathLike)) else str(file)
-        self.reason = reason
-        super().__init__(f"{self.file}: {reason}")
-
-    def __reduce__(self):
-        return (type(self), (self.file, self.reason))
 
 
 def _fingerprint(manifest) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import click
 import numpy as np
 
-from pipeline.runtime_cmd import BACKENDS, _bundle_option
+from pipeline.runtime_cmd import BACKENDS, _bundle_option, bundle_path
 from runtime.errors import UsageError
 from runtime.jsonsafe import json_safe
 
@@ -539,7 +539,7 @@ def _table(rows: list[list[str]]) -> None:
 
 
 @click.command("inspect")
-@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True), callback=bundle_path)
 @click.option("--no-verify", is_flag=True, help="Skip the checksum verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect_cmd(bundle: Path, no_verify: bool, as_json: bool) -> None:
@@ -593,7 +593,7 @@ def _machine() -> dict[str, Any]:
 
 
 @click.command("doctor")
-@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True), callback=bundle_path)
 @click.option("--device", "-d", default=None,
               help="Device profile for the backend order (default: the bundle's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

@@ -39,10 +39,23 @@ def _torch_available() -> bool:
 # shared helpers
 # ---------------------------------------------------------------------------------------------
 
+def bundle_path(_ctx, _param, value: Optional[Path]) -> Optional[Path]:
+    """A bundle directory as given, or the directory a bundle ``.tar.gz`` unpacks to (once,
+    through the runtime's safe unpacker, into its cache)."""
+    if value is None or value.is_dir():
+        return value
+    from runtime.archive import is_archive, unpacked_bundle
+
+    if not is_archive(value):
+        raise click.BadParameter(f"{value}: expected a bundle directory or a .tar.gz")
+    return unpacked_bundle(value)
+
+
 def _bundle_option(f):
-    return click.option("--bundle", "-b", required=True,
-                        type=click.Path(path_type=Path, exists=True, file_okay=False),
-                        help="Bundle directory (portable or compiled for a device).")(f)
+    return click.option("--bundle", "-b", required=True, callback=bundle_path,
+                        type=click.Path(path_type=Path, exists=True),
+                        help="Bundle directory (portable or compiled for a device), or its "
+                             ".tar.gz.")(f)
 
 
 def _backend_options(f):

@@ -1,12 +1,7 @@
 """Unpack a bundle .tar.gz safely (stdlib only). Packing is the build side's
 (export/archive.py).
 
-Archive layout: one top-level directory (default: the bundle directory's name) holding the
-bundle: ``<top>/``, ``<top>/manifest.json`` first, then every other directory and regular
-file under the bundle, sorted by path. Determinism: fixed order, mtime 0 (or the given
-``mtime``), uid/gid 0, empty user/group names, modes normalised to 0644 / 0755 (0755 for
-files with the owner-exec bit), gzip header without file name and with mtime 0. The same
-bundle contents and top-level name give byte-identical archives.
+Archive layout: see export/archive.py (one top-level directory, ``manifest.json`` first).
 
 ``unpack_bundle`` refuses, with :class:`ArchiveError` naming the archive and the member,
 and *before writing anything*: absolute names, ``..`` components, backslashes, control
@@ -33,7 +28,8 @@ from .bundle import Bundle
 from .errors import ArchiveError, BundleIntegrityError, ManifestError
 from .manifest import MANIFEST_NAME
 
-__all__ = ["unpack_bundle", "name_problem", "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_BYTES"]
+__all__ = ["unpack_bundle", "unpacked_bundle", "is_archive", "default_cache_dir", "name_problem",
+           "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_BYTES"]
 
 DEFAULT_MAX_MEMBERS = 100_000
 DEFAULT_MAX_BYTES = 64 * 1024 ** 3  # 64 GiB of uncompressed content
@@ -223,3 +219,37 @@ def _extract_one(arc: Path, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, i
             raise ArchiveError(arc, f"corrupt member data: {e}", member=m.name) from None
         except OSError as e:
             raise ArchiveError(arc, f"cannot extract member: {e}", member=m.name) from None
+
+
+def default_cache_dir() -> Path:
+    """Where archives given to the runtime are unpacked: ``$ADAPTIVE_DEPTH_CACHE``, else
+    ``$XDG_CACHE_HOME/adaptive-depth-pipeline/bundles`` (``~/.cache/...``)."""
+    explicit = os.environ.get("ADAPTIVE_DEPTH_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "adaptive-depth-pipeline" / "bundles"
+
+
+def unpacked_bundle(tar_gz: os.PathLike | str,
+                    cache_dir: Optional[os.PathLike | str] = None) -> Path:
+    """The bundle directory of ``tar_gz``, unpacked once through :func:`unpack_bundle` into
+    ``cache_dir`` (default :func:`default_cache_dir`) under the archive's sha256, so the same
+    archive is unpacked once and a changed archive never reuses an old directory. The caller
+    still opens (and verifies) the directory as a bundle."""
+    from .manifest import sha256_file
+
+    arc = Path(tar_gz)
+    if not arc.is_file():
+        raise ArchiveError(arc, "archive not found")
+    dest = Path(cache_dir or default_cache_dir()) / sha256_file(arc)[:32]
+    if not (dest / MANIFEST_NAME).is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        unpack_bundle(arc, dest, overwrite=os.path.lexists(dest))
+    return dest
+
+
+def is_archive(path: os.PathLike | str) -> bool:
+    """Whether ``path`` names a bundle archive (a ``.tar.gz`` / ``.tgz`` file)."""
+    p = Path(path)
+    return p.is_file() and p.name.endswith((".tar.gz", ".tgz"))

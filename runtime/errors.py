@@ -8,6 +8,7 @@ the file prefix.
     +-- ConfigError (also ValueError)  a config/profile/rule value is wrong; has .field
     +-- UsageError (also ValueError)   a bad argument or an output that already exists
     +-- LatencyTableError (also LookupError)  no latency table/entry for what was asked
+    +-- FileError (also ValueError)    an image or calibration set that cannot be used
     +-- BundleError
     +-- ManifestError            manifest.json is unreadable / invalid; has .json_path
     |   +-- UnsafePathError      (also a BundleIntegrityError, see below)
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigError",
     "UsageError",
     "LatencyTableError",
+    "FileError",
 ]
 
 
@@ -160,3 +162,16 @@ class UsageError(PipelineError, ValueError):
 class LatencyTableError(PipelineError, LookupError):
     """The bundle has no latency table (or entry) for what was asked: device, backend, target,
     batch or skip configuration. ``pipeline profile`` (measured) or ``--estimate-only`` fills it."""
+
+
+class FileError(PipelineError, ValueError):
+    """A file a user gave cannot be used (an image, a calibration set): ``"<file>: <reason>"``;
+    ``file`` and ``reason`` are attributes."""
+
+    def __init__(self, file: object, reason: str):
+        self.file: str = _name(file)
+        self.reason = reason
+        super().__init__(f"{self.file}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.file, self.reason))

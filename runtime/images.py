@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from runtime.errors import PipelineError
+from runtime.errors import FileError
 
 __all__ = ["ImageError", "NETPBM_SUFFIXES", "NATIVE_SUFFIXES", "PIL_SUFFIXES", "have_pil",
            "image_suffixes", "read_netpbm", "read_npy", "read_image", "to_channels",
@@ -55,16 +55,8 @@ _MAGIC = {b"P2": (1, False), b"P5": (1, True), b"P3": (3, False), b"P6": (3, Tru
 _LUMA = np.array([19595, 38470, 7471], dtype=np.uint32)
 
 
-class ImageError(PipelineError, ValueError):
+class ImageError(FileError):
     """An image file cannot be read or does not fit the model: ``"<file>: <reason>"``."""
-
-    def __init__(self, file: object, reason: str):
-        self.file = os.fspath(file) if isinstance(file, (str, os.PathLike)) else str(file)
-        self.reason = reason
-        super().__init__(f"{self.file}: {reason}")
-
-    def __reduce__(self):
-        return (type(self), (self.file, self.reason))
 
 
 def have_pil() -> bool:

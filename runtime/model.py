@@ -228,6 +228,9 @@ class AdaptiveModel:
              warn: bool = True) -> "AdaptiveModel":
         """Open ``bundle_dir`` (verifying every checksum) and pick artifacts usable here.
 
+        ``bundle_dir`` may also be a bundle archive (``.tar.gz``): it is unpacked once through
+        the safe unpacker into a cache keyed by its sha256 (``runtime.archive.unpacked_bundle``).
+
         ``backend``: None = the deployment record's order with fallback (see
         :func:`select_backend`); "onnxruntime", "tvm", "tensorrt" or "onnx" to force one.
         ``device``: whose latency table to read (default: the bundle's profile; else a device
@@ -238,6 +241,10 @@ class AdaptiveModel:
         now. ``warn``: emit a :class:`BackendFallbackWarning` when preferred backends were
         skipped (``model.choice.skipped`` always has the reasons).
         """
+        if str(bundle_dir).endswith((".tar.gz", ".tgz")):
+            from runtime.archive import is_archive, unpacked_bundle
+            if is_archive(bundle_dir):  # unpacked once, safely, into the cache
+                bundle_dir = unpacked_bundle(bundle_dir)
         bundle = Bundle.open(bundle_dir, verify=True)
         choice = select_backend(bundle, backend, device)
         for note in choice.notes:

@@ -317,3 +317,37 @@ def test_runtime_images_reader_agrees_with_pil(tmp_path):
         (tmp_path / "x.pgm").write_bytes(data)
         with pytest.raises(ImageError, match=f"x.pgm: {match}"):
             read_netpbm(tmp_path / "x.pgm")
+
+
+def test_a_bundle_archive_loads_through_the_safe_unpacker(bundles, tmp_path, monkeypatch):  # noqa: F811
+    """`AdaptiveModel.load` and `--bundle` take the build's .tar.gz: unpacked once, safely,
+    into a cache keyed by the archive's sha256; a changed archive is never served stale."""
+    from export.archive import pack_bundle
+    from runtime.model import AdaptiveModel
+
+    monkeypatch.setenv("ADAPTIVE_DEPTH_CACHE", str(tmp_path / "cache"))
+    arc = pack_bundle(bundles[1], tmp_path / "b.tar.gz")
+    x = np.zeros((28, 28), dtype=np.uint8)
+    want = AdaptiveModel.load(bundles[1], runner_options={"intra_op_threads": 1}).predict(x)
+    got = AdaptiveModel.load(arc, runner_options={"intra_op_threads": 1})
+    assert got.bundle.root.parent == tmp_path / "cache"
+    np.testing.assert_array_equal(got.predict(x).probabilities, want.probabilities)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    AdaptiveModel.load(arc)  # the second load reuses the unpacked directory
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    r = invoke("inspect", arc)
+    assert r.exit_code == 0 and "pieces" in r.output.lower(), r.output
+    r = invoke("predict", "--bundle", arc, *THREADS, "--json", _pgm(tmp_path / "a.pgm", x))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["class_id"] == want.class_id
+    # not an archive: one line
+    bad = tmp_path / "notes.txt"
+    bad.write_text("x")
+    r = CliRunner().invoke(cli, ["inspect", str(bad)])
+    assert r.exit_code == 2 and "expected a bundle directory or a .tar.gz" in r.output
+
+
+def _pgm(path: Path, img: np.ndarray) -> Path:
+    h, w = img.shape
+    path.write_bytes(b"P5 %d %d 255\n" % (w, h) + img.tobytes())
+    return path

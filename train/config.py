@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from runtime.errors import ConfigError
 from runtime.validate import Validator, field_path, short_repr, type_name
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 
 @dataclass
@@ -155,17 +151,19 @@ def check_fields(values: Mapping[str, Any], v: Validator, prefix: str = "",
             f"expected a number < epochs ({values['epochs']}), got {short_repr(values['warmup_epochs'])}")
 
 
-def read_config_table(path: str | Path) -> tuple[dict[str, Any], str]:
-    """Read a TOML/YAML/JSON config file: ``(table, prefix)``, where ``table`` is its ``[train]``
-    table (prefix ``"train"``) when it has one, else the whole file (prefix ``""``).
-
-    A missing file raises FileNotFoundError; an unreadable or malformed one ConfigError."""
+def read_config_file(path: "str | os.PathLike[str]", what: str = "a config file") -> dict:
+    """A TOML, YAML or JSON file's top-level table. A missing file raises FileNotFoundError;
+    an unreadable, malformed or non-table one :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     text = path.read_text()
     suffix = path.suffix.lower()
     if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -185,10 +183,19 @@ def read_config_table(path: str | Path) -> tuple[dict[str, Any], str]:
         except json.JSONDecodeError as exc:
             raise ConfigError(path, "", f"invalid JSON: {exc}") from None
     else:
-        raise ConfigError(path, "", "a config file must be .toml, .yaml/.yml or .json")
-    v = Validator(str(path))
+        raise ConfigError(path, "", f"{what} must be .toml, .yaml/.yml or .json")
     if not isinstance(data, dict):
-        v.fail("", f"top level must be a table/mapping, got {type_name(data)}")
+        raise ConfigError(path, "", f"top level must be a table/mapping, got {type_name(data)}")
+    return data
+
+
+def read_config_table(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Read a TOML/YAML/JSON config file: ``(table, prefix)``, where ``table`` is its ``[train]``
+    table (prefix ``"train"``) when it has one, else the whole file (prefix ``""``).
+
+    A missing file raises FileNotFoundError; an unreadable or malformed one ConfigError."""
+    data = read_config_file(path)
+    v = Validator(str(path))
     if "train" in data:
         return v.keys(data["train"], "train", FIELDS), "train"
     return data, ""
