@@ -4,7 +4,7 @@
 functions that need it raise an ImportError naming the packages to install.
 """
 
-from .compile import TVMArtifact, TVMCompileError, compile_onnx, metadata_path
+from .compile import TVMArtifact, compile_onnx, metadata_path
 from .targets import (
     TargetError,
     cross_compiler,
@@ -14,13 +14,11 @@ from .targets import (
     to_tvm_target,
     validate_target,
 )
-from .tune import TuningError, default_tuning_root, sha256_file, tuning_cache_key
+from .tune import default_tuning_root, sha256_file, tuning_cache_key
 
 __all__ = [
     "TVMArtifact",
-    "TVMCompileError",
     "TargetError",
-    "TuningError",
     "compile_onnx",
     "cross_compiler",
     "default_cuda_host",

@@ -40,9 +40,11 @@ from .targets import (
     to_tvm_target,
     validate_target,
 )
-from .tune import TuningError, TuningResult, sha256_file, tune_module
+from export.errors import CompileError
 
-__all__ = ["TVMArtifact", "TVMCompileError", "compile_onnx", "metadata_path", "require_tvm"]
+from .tune import TuningResult, sha256_file, tune_module
+
+__all__ = ["TVMArtifact", "compile_onnx", "metadata_path", "require_tvm"]
 
 Progress = Callable[[str], None] | None
 
@@ -54,10 +56,6 @@ _CXX_PACKAGES = {
     "x86_64-linux-gnu-g++": "g++-x86-64-linux-gnu",
     "g++": "g++",
 }
-
-
-class TVMCompileError(RuntimeError):
-    """A piece cannot be compiled (missing tool, unsupported graph, failed build)."""
 
 
 @dataclass
@@ -214,7 +212,7 @@ class _Blob:
         n = self.u64()
         out = self.data[self.pos : self.pos + n]
         if len(out) != n:
-            raise TVMCompileError("truncated TVM import blob")
+            raise CompileError("truncated TVM import blob")
         self.pos += n
         return out
 
@@ -223,7 +221,7 @@ class _Blob:
         r = _Blob(data)
         total = r.u64()
         if total != len(data) - 8:
-            raise TVMCompileError(f"unexpected TVM import blob header ({total} != {len(data) - 8})")
+            raise CompileError(f"unexpected TVM import blob header ({total} != {len(data) - 8})")
         rows = [r.u64() for _ in range(r.u64())]
         children = [r.u64() for _ in range(r.u64())]
         modules: list[tuple[bytes, bytes | None]] = []
@@ -260,7 +258,7 @@ def _cuda_module_source(payload: bytes) -> tuple[bytes, bytes, bytes]:
         (n,) = struct.unpack_from("<Q", payload, cut)
         if n == len(payload) - cut - 8:
             return fmt, payload[start:cut], payload[cut + 8 :]
-    raise TVMCompileError("cannot locate the kernel code in TVM's CUDA module")
+    raise CompileError("cannot locate the kernel code in TVM's CUDA module")
 
 
 def _nvcc_fatbin(source: str, arch: str, tvm_target) -> bytes:
@@ -279,7 +277,7 @@ def _make_cuda_packer(arch: str, tvm_target, progress: Progress, stats: dict[str
 
     def pack(mod, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
         if is_system_lib or prefix:
-            raise TVMCompileError("CUDA export as a system library is not supported")
+            raise CompileError("CUDA export as a system library is not supported")
         blob = _ffi_api.ModulePackImportsToTensor(mod).numpy().tobytes()
         rows, children, modules = _Blob.parse(blob)
         new_modules = []
@@ -324,7 +322,7 @@ def _require_tool(cmd: str, why: str) -> str:
     if path is None:
         pkg = _CXX_PACKAGES.get(cmd)
         hint = f" (Debian/Ubuntu: apt-get install {pkg})" if pkg else ""
-        raise TVMCompileError(f"{why} needs `{cmd}` on PATH, which was not found{hint}")
+        raise CompileError(f"{why} needs `{cmd}` on PATH, which was not found{hint}")
     return path
 
 
@@ -344,7 +342,7 @@ def _check_nvcc_arch(nvcc: str, arch: str) -> None:
     known = set(res.stdout.split())
     want = "compute_" + arch.split("_", 1)[1].rstrip("af")
     if res.returncode == 0 and known and want not in known:
-        raise TVMCompileError(
+        raise CompileError(
             f"{nvcc} cannot compile for {arch} (it supports {' '.join(sorted(known, key=_arch_num))}); put an nvcc "
             f"of the device's CUDA version first on PATH (e.g. CUDA 12.x for Jetson Xavier / JetPack 5-6)"
         )
@@ -404,17 +402,17 @@ def compile_onnx(
     model = onnx.load(str(onnx_path))
     in_names, in_shapes, in_dtypes, out_names = _onnx_signature(model)
     if not in_names:
-        raise TVMCompileError(f"{onnx_path} has no graph inputs")
+        raise CompileError(f"{onnx_path} has no graph inputs")
     eff_batch = batch if batch is not None else (1 if tune_trials > 0 else None)
     shape_dict = None
     if eff_batch is not None:
         shape_dict = {}
         for name, shape in zip(in_names, in_shapes, strict=True):
             if not shape:
-                raise TVMCompileError(f"input {name!r} is a scalar; cannot set a batch size")
+                raise CompileError(f"input {name!r} is a scalar; cannot set a batch size")
             rest = shape[1:]
             if any(not isinstance(d, int) for d in rest):
-                raise TVMCompileError(
+                raise CompileError(
                     f"input {name!r} has dynamic non-batch dims {shape}; only axis 0 may be dynamic"
                 )
             shape_dict[name] = [eff_batch, *rest]
@@ -422,10 +420,10 @@ def compile_onnx(
     try:
         mod = from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     except Exception as exc:  # the frontend raises many types
-        raise TVMCompileError(f"TVM's ONNX frontend failed on {onnx_path}: {exc}") from exc
+        raise CompileError(f"TVM's ONNX frontend failed on {onnx_path}: {exc}") from exc
     out_shapes, out_dtypes = _relax_outputs(mod)
     if len(out_shapes) != len(out_names):
-        raise TVMCompileError(f"{onnx_path}: {len(out_names)} ONNX outputs but TVM returns {len(out_shapes)}")
+        raise CompileError(f"{onnx_path}: {len(out_names)} ONNX outputs but TVM returns {len(out_shapes)}")
     final_in_shapes = [
         [eff_batch, *s[1:]] if eff_batch is not None else s for s in in_shapes
     ]
@@ -443,10 +441,10 @@ def compile_onnx(
         else:
             _say(progress, f"tvm: building (untuned) for {slug}")
             ex = tvm.compile(mod, tvm_target)
-    except (TargetError, TVMCompileError, TuningError):
+    except (TargetError, CompileError):
         raise
     except Exception as exc:
-        raise TVMCompileError(f"TVM build of {onnx_path.name} for {slug} failed: {exc}") from exc
+        raise CompileError(f"TVM build of {onnx_path.name} for {slug} failed: {exc}") from exc
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {}
@@ -458,10 +456,10 @@ def compile_onnx(
                 kwargs["fpack_imports"] = _make_cuda_packer(tdict["arch"], tvm_target, progress, stats)
             ex.export_library(str(tmp_out), **kwargs)
         os.replace(tmp_out, out_path)
-    except (TVMCompileError, TargetError):
+    except (CompileError, TargetError):
         raise
     except Exception as exc:
-        raise TVMCompileError(f"exporting {out_path.name} with {cxx} failed: {exc}") from exc
+        raise CompileError(f"exporting {out_path.name} with {cxx} failed: {exc}") from exc
     finally:
         if tmp_out.exists():
             tmp_out.unlink()

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.errors import CompileError
+
 from .targets import canonical_target_json, is_native, target_slug
 
 __all__ = [
-    "TuningError",
     "TuningResult",
     "sha256_file",
     "tuning_cache_key",
@@ -50,10 +51,6 @@ META_NAME = "meta.json"
 ENV_TUNING_ROOT = "ADN_TVM_TUNING_DB"
 
 Progress = Callable[[str], None] | None
-
-
-class TuningError(RuntimeError):
-    """Tuning was asked for but cannot be done (no database and no way to measure)."""
 
 
 @dataclass
@@ -224,13 +221,13 @@ def tune_module(
         )
     else:
         if not is_native(target):
-            raise TuningError(
+            raise CompileError(
                 f"no tuning database at {db_dir} and target {target_slug(target)} cannot be "
                 f"measured on this machine; tune on the device (MetaSchedule RPC runner) and copy "
                 f"the database here, or compile with tune_trials=0"
             )
         if target.get("kind") != "llvm":
-            raise TuningError("local tuning is only implemented for llvm (CPU) targets")
+            raise CompileError("local tuning is only implemented for llvm (CPU) targets")
         trials_run = trials - done
         what = f"continuing {db_dir} (+{trials_run} trials)" if meta else f"into {db_dir}"
         _say(
