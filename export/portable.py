@@ -26,7 +26,8 @@ from runtime.atomic import atomic_directory
 from runtime.errors import UsageError
 from runtime.bundle import Bundle
 from export.manifest_builder import add_artifact_file, add_piece, new_manifest, set_execution
-from runtime.manifest import (MANIFEST_NAME, Piece, Source, TensorSpec, save_manifest, sha256_file)
+from runtime.manifest import (MANIFEST_NAME, Piece, PreprocessSpec, RawInputSpec, Source, TensorSpec,
+                              save_manifest, sha256_file)
 from runtime.jsonsafe import json_safe
 
 ONNX_DIR = "onnx"
@@ -145,10 +146,12 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
                  opset: int = DEFAULT_OPSET, granularity: str = DEFAULT_GRANULARITY,
                  exporter: str = DEFAULT_EXPORTER, parity_note: str = "",
                  overwrite: bool = False, progress: Progress | None = print,
-                 annotations: dict | None = None) -> Path:
+                 annotations: dict | None = None, preprocess: dict | None = None) -> Path:
     """Export ``model`` (any AdaptiveDepthNet) as a portable bundle at ``out_dir``.
 
     ``parity_inputs``: normalised float NCHW images the parity gate runs on (real data).
+    ``preprocess``: how training resized/cropped images of other sizes, recorded as the
+    manifest's ``input.raw.preprocess`` (:func:`preprocess_record`; None: model-sized input).
     Raises :class:`export.parity.ParityError` (nothing is written) if any piece or chained exit
     disagrees with torch.
     """
@@ -198,7 +201,7 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
             params=sum(p.numel() for p in model.parameters()), input_shape=list(expected),
             mean=list(mean), std=list(std), stages=S, tool_version=tool_version(),
             class_names=list(class_names) if class_names is not None else None,
-            source=source or Source(),
+            source=source or Source(), raw=raw_input_spec(preprocess, expected),
             annotations={**(annotations or {}), "export": json_safe({
                 "granularity": granularity, "opset": max(i.opset for i in infos.values()),
                 "exporter": sorted({i.exporter for i in infos.values()}),
@@ -226,6 +229,34 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
     progress(f"wrote {out_dir} ({len(plan.pieces)} pieces, {len(plan.execution)} skip configs, "
              f"{(time.perf_counter() - t_all):.1f} s)")
     return out_dir
+
+
+def preprocess_record(dataset_info: dict) -> dict | None:
+    """The preprocessing a checkpoint's data set applied to images of other sizes (recorded
+    by ``train.data`` for image folders; inferred for image-folder checkpoints that predate
+    the record), or None (the data set's images are model-sized)."""
+    rec = dataset_info.get("preprocess")
+    if isinstance(rec, dict):
+        return dict(rec)
+    if dataset_info.get("name") == "imagefolder" and dataset_info.get("img_size"):
+        from train.data.imagefolder import preprocess_record as folder_record
+        return folder_record(int(dataset_info["img_size"]))
+    return None
+
+
+def raw_input_spec(preprocess: dict | None, shape: Sequence[int]) -> RawInputSpec:
+    """``input.raw`` of the manifest, with the preprocessing record when there is one."""
+    if preprocess is None:
+        return RawInputSpec()
+    spec = PreprocessSpec(**preprocess)
+    if (int(shape[1]), int(shape[2])) != (spec.size, spec.size):
+        raise ValueError(f"preprocess size {spec.size} does not match the model input {tuple(shape)}")
+    return RawInputSpec(preprocess=spec, note=(
+        f"raw input: uint8 HWC image of any size, values 0..255; one of another size than "
+        f"{spec.size}x{spec.size} is resized so its shorter side is {spec.size} "
+        f"({spec.interpolation}) and {spec.crop}-cropped, as in training (raw.preprocess; "
+        f"runtime.preprocess.preprocess_image); the runtime then computes x = (raw / 255 - mean) "
+        f"/ std per channel and transposes to CHW"))
 
 
 def _piece_macs(model) -> dict:
@@ -276,6 +307,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                        class_names=info.get("class_names"), model_name=state["model_name"],
                        source=source, opset=opset, granularity=granularity, exporter=exporter,
                        parity_note=note, overwrite=overwrite, progress=progress,
+                       preprocess=preprocess_record(info),
                        annotations={"dataset": json_safe({k: info.get(k) for k in (
                            "name", "num_classes", "img_size", "in_chans", "val_fraction", "split_seed")})})
     if archive:

@@ -226,6 +226,21 @@ def _data_path(data: str, root: Optional[str]) -> Optional[Path]:
     return p if not key.startswith("synthetic") and p.is_dir() else None
 
 
+def _bundle_data(cfg) -> Optional[str]:
+    """``train.data`` where the bundle's record (``annotations.dataset.name``) cannot find the
+    data again: a folder path (``--data /path``, recorded as ``imagefolder``); else None."""
+    from train.data.registry import canonical_name
+
+    data = cfg.train.data
+    if data.lower().startswith("synthetic"):
+        return None
+    try:
+        canonical_name(data)
+    except ValueError:
+        return data  # a path to an image folder
+    return None
+
+
 def data_identity(data: str, root: Optional[str]) -> dict:
     """What a data set's content is, for cache keys: its name, and the content hash of the
     files under its root (sizes and mtimes only beyond 512 MiB in total)."""
@@ -642,7 +657,7 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
                 shutil.copytree(paths.profiled / name, tmp / name)
         here = tmp / ctx.measured_bundle_dir
         model = _batch_model(ctx, here)
-        data_name, ds = dataset_for_bundle(model.manifest, None, cfg.train.data_root)
+        data_name, ds = dataset_for_bundle(model.manifest, _bundle_data(cfg), cfg.train.data_root)
         x, y = split_arrays(ds.val, c.limit or None)
         if len(y) == 0:
             raise BuildError(f"data set {data_name!r} has no validation split to calibrate on")
@@ -795,7 +810,9 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
 
 
 def archive_name(ctx: _Ctx, model_name: str) -> str:
-    return f"{model_name}-{ctx.profile.name}"
+    # A model of your own is named by its "module:factory" spec: no ':' (tar/scp read host:path).
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name)
+    return f"{safe}-{ctx.profile.name}"
 
 
 def _package_inputs(ctx: _Ctx) -> dict:
@@ -899,7 +916,7 @@ def evaluate_build(ctx: _Ctx) -> dict:
     full = "F" * S
     mono_info = json.loads((paths.export / "monolithic.json").read_text())
     mono_macs = int(mono_info["macs"])
-    data_name, ds = dataset_for_bundle(m, None, cfg.train.data_root)
+    data_name, ds = dataset_for_bundle(m, _bundle_data(cfg), cfg.train.data_root)
     x, y = split_arrays(ds.test, e.limit or None)
     if len(y) == 0:
         raise BuildError(f"data set {data_name!r} has an empty test split")

@@ -12,7 +12,9 @@ from pipeline.errors import PipelineGroup
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def models(ctx: click.Context, as_json: bool) -> None:
-    """List registered adaptive-depth models."""
+    """List registered adaptive-depth models and installed plugin models (entry-point group
+    adaptive_depth_pipeline.models). A model of your own needs no registration: pass
+    'package.module:factory' wherever a model name goes (see docs/models.md)."""
     if ctx.invoked_subcommand is not None:
         return
     from train.models import list_models
@@ -36,7 +38,8 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(name: str, input_size: int | None, in_chans: int, num_classes: int, as_json: bool) -> None:
-    """Parameters and MACs per skip config and per exit of model NAME."""
+    """Parameters and MACs per skip config and per exit of model NAME (a registered or plugin
+    name, or 'package.module:factory', which imports that module)."""
     from train.models import model_summary
 
     summary = model_summary(name, input_size=input_size, in_chans=in_chans, num_classes=num_classes)

@@ -176,18 +176,26 @@ def calib_images(bundle: Path, manifest, npz: Optional[Path], *, what: str,
 
 def read_input(path: Path, model, resize: bool = False) -> list[tuple[str, np.ndarray]]:
     """(label, array) items from an image file (``runtime.images``: PGM/PPM natively, PIL for
-    PNG, JPEG... when installed) or a .npy file (one sample or a batch)."""
-    from runtime.images import load_image, read_npy
+    PNG, JPEG... when installed) or a .npy file (one sample or a batch).
 
+    Images of another size than the model's: prepared as training did when the bundle records
+    it (``input.raw.preprocess``: shorter side resized, centre crop), else resized to the
+    model's size with ``resize`` (``--resize``), else refused."""
+    from runtime.images import load_image, read_npy
+    from runtime.preprocess import fit_raw
+
+    pre = model.manifest.input.raw.preprocess
     if path.suffix.lower() == ".npy":
         arr = read_npy(path)
         C, H, W = model.input_shape
+        if pre is not None:
+            arr = fit_raw(arr, model.input_shape, pre)
         single = (arr.ndim == 2 or (arr.ndim == 3 and (arr.shape[-1] == C and arr.shape[:2] == (H, W)
                                                         or arr.dtype != np.uint8)))
         if single:
             return [(str(path), arr)]
         return [(f"{path}[{i}]", a) for i, a in enumerate(arr)] if len(arr) else [(str(path), arr)]
-    return [(str(path), load_image(path, model.input_shape, resize=resize))]
+    return [(str(path), load_image(path, model.input_shape, resize=resize, preprocess=pre))]
 
 
 @click.command("predict")
@@ -198,7 +206,9 @@ def read_input(path: Path, model, resize: bool = False) -> list[tuple[str, np.nd
               help="Deadline per image (anytime prediction).")
 @click.option("--rule", default=None, help="Stopping rule name (default: the calibrated rule).")
 @click.option("--skip-config", default=None, help="Force a skip configuration, e.g. FTF.")
-@click.option("--resize", is_flag=True, help="Resize images to the model's input size.")
+@click.option("--resize", is_flag=True,
+              help="Resize images to the model's input size (bundles that record their "
+                   "preprocessing resize and crop other sizes as training did, always).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_backend_options
 def predict_cmd(bundle: Path, inputs: tuple[Path, ...], budget_ms: Optional[float],

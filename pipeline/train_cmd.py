@@ -11,7 +11,10 @@ import click
 
 
 @click.command("train")
-@click.option("--model", default=None, help="Registered model name (see `pipeline models`). [resnet20_adn]")
+@click.option("--model", default=None, help="Registered model name (see `pipeline models`), an installed "
+              "plugin, or your own 'package.module:factory' (imported: see docs/models.md). [resnet20_adn]")
+@click.option("--model-kwargs", default=None, callback=lambda ctx, param, value: _json_object(value),
+              help="JSON object of extra keyword arguments for the model's factory, e.g. '{\"width\": 32}'.")
 @click.option("--data", default=None, help="fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | "
               "mnist5k | digits | synthetic | PATH to an image folder. [fashion-mnist]")
 @click.option("--data-root", default=None, help="Where the dataset files are.")
@@ -27,6 +30,12 @@ import click
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N steps (smoke runs).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--out", default=None, help="Run directory. [runs/train]")
+@click.option("--init-weights", default=None, type=click.Path(dir_okay=False),
+              help="Start from these weights: a checkpoint or state dict of the same architecture, or "
+                   "torchvision-format weights (ResNet-ADN / ViT-ADN).")
+@click.option("--trainable", type=click.Choice(["all", "exits", "exits+last"]), default=None,
+              help="What trains: everything, only the exit heads (backbone frozen, its norms in eval "
+                   "mode), or the exit heads and the last stage. [all]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML/YAML/JSON file with training options (CLI options override it).")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint.pt.")
@@ -44,6 +53,20 @@ def train(nproc: int, resume: bool, config_file: str | None, **options) -> None:
     summary = Trainer(cfg, log=click.echo).fit(resume=resume)
     if summary:
         _print_summary(summary, Path(cfg.out))
+
+
+def _json_object(value: str | None) -> dict | None:
+    if value is None:
+        return None
+    import json
+
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter("expected a JSON object, e.g. '{\"width\": 32}'")
+    return data
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:

@@ -225,7 +225,14 @@ class OnlineLatency:
     With fewer than ``min_samples`` values a percentile other than p50 is the maximum seen
     (conservative), a lone stall counting as the fence. "mean" is the plain mean of the window
     (stalls are part of the average cost). :meth:`stalls` counts the values beyond the fence.
+
+    :meth:`record_later` queues values without the lock (the batch-1 full-depth path, where the
+    sorted insert costs ~10 us with caches cold after the segments ran); every read, and
+    :meth:`record_many`, applies the queue first, so no reader sees figures older than a record.
     """
+
+    #: queued values applied at the latest when this many wait
+    PENDING_LIMIT = 96
 
     def __init__(self, window: int = 256, min_samples: int = 5) -> None:
         self.window = int(window)
@@ -233,43 +240,76 @@ class OnlineLatency:
         self._data: dict[tuple, deque] = {}
         self._sorted: dict[tuple, list[float]] = {}
         self._lock = threading.Lock()
-        self.version = 0  # bumped on every record (lets callers cache derived figures)
+        self._pending: deque = deque()  # (key, ms) queued by record_later; append/popleft atomic
+        self._version = 0  # bumped on every record (lets callers cache derived figures)
+
+    @property
+    def version(self) -> int:
+        """Changes whenever a value is recorded (queued values are applied first)."""
+        if self._pending:
+            self.record_many(())
+        return self._version
 
     def record(self, key: tuple, ms: float) -> None:
         self.record_many(((key, ms),))
 
+    def record_later(self, items) -> None:
+        """Queue ``(key, ms)`` values; applied before the next read or at PENDING_LIMIT."""
+        pending = self._pending
+        pending.extend(items)
+        if len(pending) >= self.PENDING_LIMIT:
+            self.record_many(())
+
+    def _apply_pending(self) -> None:
+        """Move queued values into the windows (the lock is held)."""
+        pending = self._pending
+        while pending:
+            try:
+                item = pending.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            self._insert(*item)
+
     def record_many(self, items) -> None:
-        """Record several ``(key, ms)`` at once (one lock acquisition), in order."""
+        """Record several ``(key, ms)`` at once (one lock acquisition), in order, after the
+        queued ones."""
         with self._lock:
-            data, ordered, window = self._data, self._sorted, self.window
+            self._apply_pending()
             for key, ms in items:
-                v = float(ms)
-                if v != v:  # NaN would break the sorted window; a clock difference never is one
-                    raise ValueError(f"OnlineLatency.record: {ms!r} is not a duration")
-                d = data.get(key)
-                if d is None:
-                    d = data[key] = deque(maxlen=window)
-                    s = ordered[key] = []
-                else:
-                    s = ordered[key]
-                    if d and len(d) == window:
-                        del s[bisect_left(s, d[0])]  # the value append() is about to drop
-                d.append(v)
-                insort(s, v)
-                self.version += 1
+                self._insert(key, ms)
+
+    def _insert(self, key: tuple, ms: float) -> None:
+        """Add one value to ``key``'s windows (the lock is held)."""
+        v = float(ms)
+        if v != v:  # NaN would break the sorted window; a clock difference never is one
+            raise ValueError(f"OnlineLatency.record: {ms!r} is not a duration")
+        d = self._data.get(key)
+        if d is None:
+            d = self._data[key] = deque(maxlen=self.window)
+            s = self._sorted[key] = []
+        else:
+            s = self._sorted[key]
+            if d and len(d) == self.window:
+                del s[bisect_left(s, d[0])]  # the value append() is about to drop
+        d.append(v)
+        insort(s, v)
+        self._version += 1
 
     def count(self, key: tuple) -> int:
         with self._lock:
+            self._apply_pending()
             d = self._data.get(key)
             return 0 if d is None else len(d)
 
     def keys(self) -> list[tuple]:
         with self._lock:
+            self._apply_pending()
             return list(self._data)
 
     def stalls(self, key: tuple) -> int:
         """How many values of ``key``'s window are beyond its :func:`stall_fence`."""
         with self._lock:
+            self._apply_pending()
             s = self._sorted.get(key)
             return len(s) - bisect_right(s, stall_fence(s)) if s else 0
 
@@ -277,6 +317,8 @@ class OnlineLatency:
         if stat not in STATS:
             check_stat(stat)
         with self._lock:
+            if self._pending:
+                self._apply_pending()
             s = self._sorted.get(key)
             if not s:
                 return None
@@ -296,9 +338,10 @@ class OnlineLatency:
 
     def clear(self) -> None:
         with self._lock:
+            self._pending.clear()
             self._data.clear()
             self._sorted.clear()
-            self.version += 1
+            self._version += 1
 
 
 #: Percentile statistics as fractions.
@@ -359,6 +402,10 @@ class LatencyModel:
     def record_many(self, items) -> None:
         """``[((cfg, k, batch), ms), ...]`` recorded at once (see :meth:`record`)."""
         self.online.record_many(items)
+
+    def record_later(self, items) -> None:
+        """Like :meth:`record_many`, queued without the lock; applied before any read."""
+        self.online.record_later(items)
 
     def _direct(self, cfg: str, k: int, n: int, stat: str) -> Optional[float]:
         table = self.table.segment(cfg, k, n, stat) if self.table is not None else None

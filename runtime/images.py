@@ -17,14 +17,18 @@ Channels are converted to what the model takes: 3 -> 1 with ITU-R 601-2 luma
 ``convert("L")``), and
 1 -> 3 by repeating the channel; an alpha channel is dropped.
 
-A size that differs from the model's is an error unless ``resize=True``: then PIL's bilinear
-resize when PIL is installed, else a **nearest-neighbour** resize in numpy (pixel centres
-mapped, no smoothing: fine for upscaling or small changes, aliased for large downscaling;
-install PIL or resize beforehand when that matters). Aspect ratio is not preserved.
+A size that differs from the model's:
+
+* with the bundle's preprocessing record (``load_image(..., preprocess=
+  model.manifest.input.raw.preprocess)``, models trained on image folders): resized and
+  cropped exactly as training did (:func:`runtime.preprocess.preprocess_image`: shorter side
+  to the model's size, PIL's bilinear filter in numpy, centre crop), ``resize`` or not;
+* without one: an error unless ``resize=True``, then a bilinear resize to the model's H x W
+  (the same numpy code; aspect ratio not preserved).
 
 Errors are :class:`ImageError` (a ``ValueError`` and a ``runtime.errors.PipelineError``) whose
 message starts with the file name. PIL is imported only when a non-Netpbm, non-.npy file is
-read or a resize needs it.
+read (resizing is numpy).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from runtime.errors import FileError
+from runtime.preprocess import preprocess_image, resize_bilinear
 
 __all__ = ["ImageError", "NETPBM_SUFFIXES", "NATIVE_SUFFIXES", "PIL_SUFFIXES", "have_pil",
            "image_suffixes", "read_netpbm", "read_npy", "read_image", "to_channels",
@@ -240,19 +245,17 @@ def to_channels(arr: np.ndarray, channels: int, *, file: object = "<image>") -> 
 def resize_image(arr: np.ndarray, size: Sequence[int], *, method: str = "auto") -> np.ndarray:
     """uint8 ``(H, W[, C])`` resized to ``size = (H, W)``.
 
-    ``method``: ``"auto"`` (PIL bilinear when installed, else nearest), ``"bilinear"`` (PIL
-    required), ``"nearest"`` (numpy: each output pixel centre takes the input pixel under it).
+    ``method``: ``"auto"`` / ``"bilinear"`` (PIL's bilinear filter, antialiased, computed in
+    numpy: :func:`runtime.preprocess.resize_bilinear`, PIL not needed), ``"nearest"`` (each
+    output pixel centre takes the input pixel under it).
     """
     H, W = int(size[0]), int(size[1])
     if arr.shape[:2] == (H, W):
         return arr
     if method not in ("auto", "bilinear", "nearest"):
         raise ValueError(f"resize method {method!r}: auto, bilinear or nearest")
-    if method == "bilinear" or (method == "auto" and have_pil()):
-        Image = _pil_image()
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            return resize_image(arr[..., 0], (H, W), method="bilinear")[..., None]
-        return np.asarray(Image.fromarray(arr).resize((W, H), Image.BILINEAR), dtype=np.uint8)
+    if method != "nearest":
+        return resize_bilinear(arr, (H, W))
     h, w = arr.shape[:2]
     rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
@@ -260,16 +263,20 @@ def resize_image(arr: np.ndarray, size: Sequence[int], *, method: str = "auto") 
 
 
 def load_image(path: PathLike, input_shape: Sequence[int], *, resize: bool = False,
-               method: str = "auto") -> np.ndarray:
+               method: str = "auto", preprocess: object = None) -> np.ndarray:
     """An image file as the model takes it: uint8 ``(H, W)`` for a 1-channel model, else
     ``(H, W, C)``, of the model's ``input_shape = (C, H, W)``.
 
-    A size mismatch is an :class:`ImageError` unless ``resize`` (then :func:`resize_image`).
+    ``preprocess``: the bundle's ``input.raw.preprocess`` (a ``PreprocessSpec``, its dict, or
+    None): an image of another size is resized and cropped as training did. Without it a size
+    mismatch is an :class:`ImageError` unless ``resize`` (then :func:`resize_image`).
     """
     C, H, W = (int(s) for s in input_shape)
     p = Path(path)
     arr = to_channels(read_image(p), C, file=p)
     if arr.shape[:2] != (H, W):
+        if preprocess is not None:
+            return preprocess_image(arr, preprocess)
         if not resize:
             raise ImageError(p, f"image is {arr.shape[1]}x{arr.shape[0]} (WxH), the model "
                                 f"expects {W}x{H}; pass --resize or resize it yourself")

@@ -52,6 +52,7 @@ __all__ = [
     "LATENCY_KINDS",
     "ModelInfo",
     "RawInputSpec",
+    "PreprocessSpec",
     "InputSpec",
     "ExitInfo",
     "TensorSpec",
@@ -82,6 +83,10 @@ INPUT_DTYPES = ("float32", "float16")
 INPUT_LAYOUTS = ("NCHW",)
 RAW_DTYPES = ("uint8",)
 RAW_LAYOUTS = ("HWC",)
+#: ``input.raw.preprocess`` values (runtime/preprocess.py implements them).
+PREPROCESS_RESIZE = ("shorter_side",)
+PREPROCESS_CROP = ("center",)
+PREPROCESS_INTERPOLATION = ("bilinear",)
 LATENCY_KINDS = ("measured", "estimated")
 #: Output name a piece with returns_logits=True must have.
 LOGITS = "logits"
@@ -198,21 +203,55 @@ class ModelInfo:
 
 
 @dataclass(kw_only=True)
+class PreprocessSpec:
+    """How training turned an image of any size into the model's ``size`` x ``size``
+    (``input.raw.preprocess``): the shorter side resized to ``size`` with ``interpolation``,
+    then the ``crop`` square cut. ``runtime.preprocess.preprocess_image`` applies it."""
+    size: int
+    resize: str = "shorter_side"
+    crop: str = "center"
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "size": self.size, "crop": self.crop,
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def _parse(cls, v: _V, d: object, p: str) -> "PreprocessSpec":
+        d = v.obj(d, p, ("resize", "size", "crop", "interpolation"))
+        return cls(resize=v.enum(d["resize"], _key(p, "resize"), PREPROCESS_RESIZE),
+                   size=v.int_(d["size"], _key(p, "size"), lo=1, hi=1 << 20),
+                   crop=v.enum(d["crop"], _key(p, "crop"), PREPROCESS_CROP),
+                   interpolation=v.enum(d["interpolation"], _key(p, "interpolation"),
+                                        PREPROCESS_INTERPOLATION))
+
+
+@dataclass(kw_only=True)
 class RawInputSpec:
-    """What the runtime accepts as *raw* input before normalisation (documentation + check)."""
+    """What the runtime accepts as *raw* input before normalisation (documentation + check).
+
+    ``preprocess``: how training resized/cropped images of other sizes (None: the caller
+    gives model-sized images)."""
     dtype: str = "uint8"
     layout: str = "HWC"
     note: str = DEFAULT_RAW_NOTE
+    preprocess: Optional[PreprocessSpec] = None
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "layout": self.layout, "note": self.note}
+        d = {"dtype": self.dtype, "layout": self.layout, "note": self.note}
+        if self.preprocess is not None:
+            d["preprocess"] = self.preprocess.to_dict()
+        return d
 
     @classmethod
     def _parse(cls, v: _V, d: object, p: str) -> "RawInputSpec":
-        d = v.obj(d, p, ("dtype", "layout"), ("note",))
+        d = v.obj(d, p, ("dtype", "layout"), ("note", "preprocess"))
+        pre = d.get("preprocess")
         return cls(dtype=v.enum(d["dtype"], _key(p, "dtype"), RAW_DTYPES),
                    layout=v.enum(d["layout"], _key(p, "layout"), RAW_LAYOUTS),
-                   note=v.str_(d.get("note", ""), _key(p, "note"), allow_empty=True))
+                   note=v.str_(d.get("note", ""), _key(p, "note"), allow_empty=True),
+                   preprocess=None if pre is None else
+                   PreprocessSpec._parse(v, pre, _key(p, "preprocess")))
 
 
 @dataclass(kw_only=True)
@@ -250,11 +289,16 @@ class InputSpec:
             v.fail(pm, f"expected {c} values (one per channel, shape[0]), got {len(mean)}")
         if len(std) != c:
             v.fail(pd, f"expected {c} values (one per channel, shape[0]), got {len(std)}")
+        raw = RawInputSpec._parse(v, d["raw"], _key(p, "raw"))
+        if raw.preprocess is not None and shape[1:] != [raw.preprocess.size] * 2:
+            v.fail(_key(_key(_key(p, "raw"), "preprocess"), "size"),
+                   f"{raw.preprocess.size} makes {raw.preprocess.size}x{raw.preprocess.size} "
+                   f"images, the model input is {shape[1]}x{shape[2]} (shape[1:])")
         return cls(name=v.str_(d["name"], _key(p, "name"), max_len=256),
                    shape=shape, mean=mean, std=std,
                    dtype=v.enum(d["dtype"], _key(p, "dtype"), INPUT_DTYPES),
                    layout=v.enum(d["layout"], _key(p, "layout"), INPUT_LAYOUTS),
-                   raw=RawInputSpec._parse(v, d["raw"], _key(p, "raw")))
+                   raw=raw)
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,7 @@ it imports nothing else of this project (never torch, train/, export/ or devices
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import os
 import threading
@@ -137,6 +138,7 @@ RuleLike = Union[None, str, Any]
 
 _UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)
 _ONE = np.float32(1.0)
+_isfinite = math.isfinite
 #: Built-in rules whose stop() reads nothing from the StopContext but ``num_exits``.
 _CTX_FREE_RULES = (MaxProbRule, EntropyRule, PatienceRule, FullDepthRule)
 #: Threshold rules decided inline at exits k < S-1 (exact type only; a subclass may override
@@ -447,8 +449,11 @@ class AdaptiveModel:
                 z = x.reshape(self._nchw)
                 if not z.flags.c_contiguous:
                     z = np.ascontiguousarray(z)
-                if np.isfinite(z).all():
-                    return z, False  # else prepare_input raises its usual error
+                # a NaN or infinity anywhere makes the sum non-finite (one reduction, no
+                # temporary array); a non-finite sum goes through prepare_input's full check,
+                # which raises its usual error (or accepts finite values that overflowed the sum)
+                if _isfinite(z.sum(dtype=np.float64)):
+                    return z, False
         return prepare_input(x, self.input_shape, self._mean, self._std)
 
     def predict(self, x: Any, budget_ms: Optional[float] = None, rule: RuleLike = None,
@@ -588,7 +593,7 @@ class AdaptiveModel:
         cid = int(row.argmax())
         p = _prediction(cid, self.class_names[cid], row, self.stages - 1, cfg,
                         (clock() - t0) * 1000.0, False, None, "last_exit")
-        self.latency.record_many(timings)
+        self.latency.record_later(timings)  # applied before any read of the figures
         return [p] if batched else p
 
     # -- whole-depth evaluation (calibration, tools) ---------------------------------------------

@@ -259,6 +259,36 @@ def test_imagefolder_split_dirs_gray(tmp_path):
     assert b.test.get_batch(torch.tensor([0, 5]))[0].shape == (2, 1, 12, 12)
 
 
+def test_imagefolder_records_its_preprocessing(tmp_path):
+    for k, cls in enumerate(["a", "b"]):
+        _save_images(tmp_path / cls, 6, "RGB", (30, 20), seed=k)
+    b = load_dataset(str(tmp_path), img_size=16)
+    assert b.info()["preprocess"] == {"resize": "shorter_side", "size": 16, "crop": "center",
+                                      "interpolation": "bilinear"}
+    assert "preprocess" not in load_dataset("digits").info()  # model-sized images: no record
+
+
+def test_imagefolder_batches_decode_in_workers_alike(tmp_path, monkeypatch):
+    for k, cls in enumerate(["a", "b", "c"]):
+        _save_images(tmp_path / cls, 12, "L", (17, 23), seed=k)
+    b = load_dataset(str(tmp_path), img_size=12, val_fraction=0.0)
+    ds = b.train
+    assert ds.decode_workers() == 0  # a small folder: decoded in this process (fast runs)
+    assert ds.source_pixels == 17 * 23 and ds.subset(torch.arange(3)).source_pixels == 17 * 23
+    serial = list(iterate_batches(ds, 5, shuffle=True, generator=torch.Generator().manual_seed(3)))
+    pooled = list(iterate_batches(ds, 5, shuffle=True, generator=torch.Generator().manual_seed(3),
+                                  num_workers=2))
+    assert len(serial) == len(pooled) == 6
+    for (x0, y0), (x1, y1) in zip(serial, pooled):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    big = ds.subset(torch.arange(len(ds)))
+    big.source_pixels = 4000 * 3000  # 12 MP photos: decoding is the bottleneck
+    assert big.decode_workers() == max(0, min(4, (os.cpu_count() or 1) - 1))
+    monkeypatch.setenv("ADAPTIVE_DEPTH_DATA_WORKERS", "0")
+    assert big.decode_workers() == 0
+    assert ds.decode_workers() == 0 and load_dataset("digits").train.decode_workers() == 0
+
+
 # ---------------------------------------------------------------- augmentation
 
 def test_augment_shape_dtype_determinism():

@@ -375,3 +375,39 @@ def test_a_stall_does_not_cut_short_or_flag_later_calls(bundles, images, stall_c
         assert p.latency_ms == pytest.approx(0.9)
     for k in range(m.stages):
         assert m.latency.segment_ms("FFF", k, 1, "p95") == pytest.approx(0.3)
+
+
+def test_queued_latency_values_are_seen_by_every_read():
+    """record_later (the batch-1 full-depth path) queues without the lock; any read, and the
+    next record_many, applies the queue first, in order, so no figure is stale."""
+    import threading
+
+    on = OnlineLatency(window=8)
+    v0 = on.version
+    on.record_later([(("F", 0, 1), 1.0), (("F", 0, 1), 3.0)])
+    assert on.version > v0  # reading the version applies the queue
+    assert on.count(("F", 0, 1)) == 2 and on.stat(("F", 0, 1), "p50") == pytest.approx(2.0)
+    on.record_later([(("F", 1, 1), 5.0)])
+    assert on.keys() == [("F", 0, 1), ("F", 1, 1)]
+    on.record_later([(("F", 0, 1), 9.0)])
+    on.record_many([(("F", 0, 1), 11.0)])  # after the queued 9.0: the window keeps the order
+    assert list(on._data[("F", 0, 1)]) == [1.0, 3.0, 9.0, 11.0]
+    # the queue never grows past PENDING_LIMIT
+    for i in range(OnlineLatency.PENDING_LIMIT + 5):
+        on.record_later([(("G", 0, 1), float(i))])
+    assert len(on._pending) < OnlineLatency.PENDING_LIMIT
+    # concurrent writers and readers lose nothing that fits the window
+    big = OnlineLatency(window=100_000)
+
+    def write(t):
+        for i in range(2000):
+            big.record_later([((t,), float(i))])
+            if i % 97 == 0:
+                big.stat((t,), "p95")
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert [big.count((t,)) for t in range(4)] == [2000] * 4

@@ -24,13 +24,22 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-# (img_size, in_chans) small enough for a fast CPU test of every registered model
-SMALL = {"resnet20_adn": (28, 1), "resnet32_adn": (32, 3), "resnet56_adn": (32, 3), "resnet18_adn": (32, 3),
-         "resnet34_adn": (32, 3), "resnet50_adn": (32, 3), "vit_tiny_adn": (28, 1), "vit_b16_adn": (32, 3)}
+# Every registered model goes through the generic checks below (a new family cannot escape them).
+REGISTERED = sorted(i.name for i in list_models())
+# (img_size, in_chans) small enough for a fast CPU test; models not listed run at 32 px RGB
+SMALL_OVERRIDES = {"resnet20_adn": (28, 1), "vit_tiny_adn": (28, 1), "mobilenetv2_adn_cifar": (28, 1),
+                   "swin_t_adn_cifar": (28, 1)}
+SMALL = {name: SMALL_OVERRIDES.get(name, (32, 3)) for name in REGISTERED}
 # a narrow ViT-Tiny for tests of mechanisms, not of sizes
 NARROW_VIT = {"embed_dim": 48, "num_heads": 3}
 EXPECTED_STAGES = {"resnet20_adn": 3, "resnet32_adn": 3, "resnet56_adn": 3, "resnet18_adn": 4,
-                   "resnet34_adn": 4, "resnet50_adn": 4, "vit_tiny_adn": 4, "vit_b16_adn": 4}
+                   "resnet34_adn": 4, "resnet50_adn": 4, "vit_tiny_adn": 4, "vit_b16_adn": 4,
+                   "mobilenetv2_adn": 5, "mobilenetv2_adn_cifar": 5, "swin_t_adn": 4, "swin_t_adn_cifar": 4}
+
+
+def _small(name: str, num_classes: int = 7) -> AdaptiveDepthNet:
+    size, chans = SMALL[name]
+    return create_model(name, num_classes=num_classes, in_chans=chans, img_size=size)
 
 
 def _randomize_norms(model: nn.Module) -> None:
@@ -81,13 +90,14 @@ def test_split_rule():
 
 # ----------------------------------------------------------------------------------------- shapes
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_shapes_every_skip_config(name):
     size, chans = SMALL[name]
-    model = create_model(name, num_classes=7, in_chans=chans, img_size=size).eval()
+    model = _small(name).eval()
     assert isinstance(model, AdaptiveDepthNet)
     assert (model.num_classes, model.in_chans, model.img_size) == (7, chans, size)
-    assert model.num_stages == EXPECTED_STAGES[name]
+    assert model.num_stages == EXPECTED_STAGES.get(name, model.num_stages)
+    assert model.num_stages == {i.name: i for i in list_models()}[name].num_stages
     n = 2 if model.num_stages == 3 else 1
     x = torch.randn(n, chans, size, size)
     with torch.no_grad():
@@ -340,3 +350,106 @@ def test_torchvision_vit_keys_are_mapped():
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in ours.items())
     assert torch.equal(sd["blocks.0.norm1.twin.weight"], ours["blocks.0.norm1.weight"])
+
+
+# ------------------------------------------------------------- generic checks of every registered model
+
+def _stage_inputs(model: AdaptiveDepthNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Features entering every stage along the full-depth path."""
+    hs, h = [], model.forward_stem(x)
+    for k in range(model.num_stages):
+        hs.append(h)
+        h = model.forward_stage(k, h, False)
+    return hs
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_generic_twins_switch_with_their_stage(name):
+    """Per stage: the skipping mandatory path uses twins (and only then); every twin belongs to one stage;
+    perturbing stage 1's twins changes exactly the configs that skip stage 1."""
+    from train.models.layers import skip_aware_norms
+    from train.models.macs import used_params
+
+    model = _small(name).eval()
+    _randomize_norms(model)
+    size, chans = SMALL[name]
+    x = torch.randn(1, chans, size, size)
+    names = {id(p): n for n, p in model.named_parameters()}
+    twins_seen: list[str] = []
+    with torch.no_grad():
+        hs = _stage_inputs(model, x)
+        for k, h in enumerate(hs):
+            plain, _ = used_params(lambda: model.forward_mandatory(k, h, False))
+            skipping, _ = used_params(lambda: model.forward_mandatory(k, h, True))
+            skippable, mid = used_params(lambda: model.forward_skippable(k, model.forward_mandatory(k, h, False)))
+            head, _ = used_params(lambda: model.forward_head(k, mid))
+            tw = [names[i] for i in skipping if ".twin." in names[i]]
+            assert tw, f"stage {k} has no twin norms"
+            assert not any(".twin." in names[i] for i in (*plain, *skippable, *head)), k
+            twins_seen += tw
+    all_twins = [f"{n}.twin.{p}" for n, m in skip_aware_norms(model) for p, _ in m.twin.named_parameters()]
+    assert sorted(twins_seen) == sorted(all_twins)  # each twin used by exactly one stage
+
+    k = 1
+    stage_twins = [p for n, p in model.named_parameters() if n in set(twins_seen)
+                   and id(p) in used_params(lambda: model.forward_mandatory(k, hs[k], True))[0]]
+    with torch.no_grad():
+        S = model.num_stages
+        configs = [(False,) * S, (True,) * S, tuple(i == k for i in range(S)), tuple(i != k for i in range(S))]
+        before = {c: model(x, c)[-1] for c in configs}
+        for p in stage_twins:
+            p.add_(torch.randn_like(p) * 0.3)
+        for c, ref in before.items():
+            assert torch.equal(model(x, c)[-1], ref) != c[k], c
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_generic_macs_monotone(name):
+    model = _small(name)
+    pieces = piece_macs(model)
+    assert all(v > 0 for v in pieces["skippable"]) and all(v > 0 for v in pieces["head"])
+    full = {c: macs_per_exit(model, c, pieces=pieces) for c in all_skip_configs(model.num_stages)}
+    for c, per_exit in full.items():
+        path = [m - h for m, h in zip(per_exit, pieces["head"])]  # MACs of the trunk up to stage k
+        assert all(b > a for a, b in zip(path, path[1:])), c
+        for k in range(model.num_stages):
+            if not c[k]:  # skipping one more stage always saves
+                fewer = tuple(True if i == k else s for i, s in enumerate(c))
+                assert full[fewer][-1] < per_exit[-1], (c, k)
+    summary = model_summary(name, input_size=SMALL[name][0], in_chans=SMALL[name][1], num_classes=7)
+    assert [s["macs_per_exit"] for s in summary["skip_configs"]] == list(full.values())
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_generic_export_cut_points_reproduce_forward(name):
+    from train.models.base import skip_to_str
+    from export.segments import run_plan_torch, segment_plan
+
+    model = _small(name).eval()
+    _randomize_norms(model)
+    size, chans = SMALL[name]
+    x = torch.randn(2, chans, size, size)
+    for granularity in ("stage", "split"):
+        plan = segment_plan(model.num_stages, granularity)
+        for c in all_skip_configs(model.num_stages):
+            exits, _ = run_plan_torch(model, plan, x, skip_to_str(c))
+            with torch.no_grad():
+                ref = model(x, c)
+            for a, b in zip(exits, ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_generic_config_rebuilds_and_increments(name):
+    model = _small(name)
+    cfg = model.model_config()
+    assert json.loads(json.dumps(cfg)) == cfg
+    with torch.device("meta"):
+        rebuilt = create_model(model.model_name, **cfg)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert rebuilt.model_config() == cfg
+    size, chans = SMALL[name]
+    skip = "FT" * model.num_stages
+    logits, inc = model.eval()(torch.randn(2, chans, size, size), skip[:model.num_stages], return_increments=True)
+    assert len(logits) == len(inc) == model.num_stages
+    assert inc[1] is None and inc[0].shape == (2,) and torch.isfinite(inc[0]).all()

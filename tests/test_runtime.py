@@ -382,6 +382,11 @@ def test_thread_safety_matches_sequential(model, images):
     (lambda x: np.zeros((2, 3, 28, 28), np.float32), "wrong channel count: got 3"),
     (lambda x: np.full((1, 1, 28, 28), np.nan, np.float32), "non-finite.*NaN"),
     (lambda x: np.full((1, 28, 28), np.inf, np.float64), "non-finite.*inf"),
+    # the batch-1 float32 (C, H, W) shortcut: one NaN or infinity among finite values
+    (lambda x: np.where(np.arange(784).reshape(1, 28, 28) == 500, np.nan,
+                        np.zeros((1, 28, 28))).astype(np.float32), "non-finite.*NaN"),
+    (lambda x: np.where(np.arange(784).reshape(1, 28, 28) == 7, -np.inf,
+                        np.zeros((1, 28, 28))).astype(np.float32), "non-finite"),
     (lambda x: x[:0], "empty batch"),
     (lambda x: np.zeros((0, 1, 28, 28), np.float32), "empty batch"),
     (lambda x: "image.png", "expected a numpy array"),

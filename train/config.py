@@ -16,7 +16,8 @@ from runtime.validate import Validator, field_path, short_repr, type_name
 class TrainConfig:
     """Every choice of a training run. Defaults are the Fashion-MNIST recipe."""
 
-    model: str = "resnet20_adn"
+    model: str = "resnet20_adn"  # registered name, installed plugin, or "package.module:factory"
+    model_kwargs: dict[str, Any] | None = None  # extra keyword arguments of the model's factory
     data: str = "fashion-mnist"
     data_root: str | None = None
     img_size: int | None = None
@@ -60,6 +61,10 @@ class TrainConfig:
     save_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0: epoch ends only)
     exit_threshold: float = 0.9  # confidence threshold for the reported mean exit depth
 
+    # Start from loaded weights, optionally with the backbone frozen (docs/training.md).
+    init_weights: str | None = None  # checkpoint / state dict of the same architecture, or torchvision format
+    trainable: str = "all"  # all | exits | exits+last (exit heads, and the last stage)
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -91,6 +96,18 @@ _DEFAULTS: dict[str, Any] = {f.name: (f.default if f.default is not dataclasses.
                              for f in dataclasses.fields(TrainConfig)}
 
 
+#: what ``trainable`` may be: every parameter, the exit heads only, the heads and the last stage
+TRAINABLE: tuple[str, ...] = ("all", "exits", "exits+last")
+
+
+def _kwargs(v: Validator, x: object, p: str) -> dict:
+    """A JSON object whose keys are Python identifiers (keyword arguments of a model factory)."""
+    out = v.json_obj(x, p)
+    for key in out:
+        v.check(key.isidentifier(), field_path(p, key), "expected a keyword-argument name")
+    return out
+
+
 def _nonneg(v: Validator) -> Callable[[object, str], float]:
     return lambda x, p: v.num(x, p, lo=0)
 
@@ -98,6 +115,7 @@ def _nonneg(v: Validator) -> Callable[[object, str], float]:
 #: field -> check(validator, value, path); every field of TrainConfig has one.
 _CHECKS: dict[str, Callable[[Validator, Any, str], object]] = {
     "model": lambda v, x, p: v.str_(x, p),
+    "model_kwargs": lambda v, x, p: None if x is None else _kwargs(v, x, p),
     "data": lambda v, x, p: v.str_(x, p),
     "data_root": lambda v, x, p: v.opt_str(x, p),
     "img_size": lambda v, x, p: v.opt_int(x, p, lo=1),
@@ -135,6 +153,8 @@ _CHECKS: dict[str, Callable[[Validator, Any, str], object]] = {
     "threads": lambda v, x, p: v.opt_int(x, p, lo=1),
     "save_every_steps": lambda v, x, p: v.int_(x, p, lo=0),
     "exit_threshold": lambda v, x, p: v.num(x, p, lo=0, lo_open=True, hi=1),
+    "init_weights": lambda v, x, p: v.opt_str(x, p),
+    "trainable": lambda v, x, p: v.enum(x, p, TRAINABLE),
 }
 
 

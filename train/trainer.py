@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from train.checkpoint import load_checkpoint, save_checkpoint
+from train.checkpoint import (load_checkpoint, load_init_weights, part_parameter_names,
+                              save_checkpoint)
 from train.config import TrainConfig
 from train.data import (DatasetBundle, augment_batch, iterate_batches, load_dataset,
                         normalize_batch, num_batches)
@@ -60,8 +61,12 @@ class Trainer:
                                                 split_seed=cfg.split_seed, img_size=cfg.img_size)
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.model, num_classes=len(self.data.class_names),
-                                  in_chans=self.data.in_chans, img_size=self.data.img_size)
+                                  in_chans=self.data.in_chans, img_size=self.data.img_size,
+                                  **(cfg.model_kwargs or {}))
+        if cfg.init_weights:
+            self.log(f"initial weights: {load_init_weights(self.model, cfg.init_weights)}")
         self.model.to(self.ctx.device)
+        self.frozen_modules = self._freeze(cfg.trainable)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.input_size = self.data.img_size
@@ -99,10 +104,35 @@ class Trainer:
         return ADNLoss(S, exit_weights=cfg.exit_weights, alpha=cfg.alpha if cfg.self_distill else 1.0,
                        temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, depth=depth)
 
+    def _freeze(self, trainable: str) -> list[nn.Module]:
+        """Freeze every parameter outside the trainable parts (``exits``: the exit heads;
+        ``exits+last``: and the last stage; ``all``: nothing), found through the model's cut
+        points. Returns the modules to keep in eval mode while training (every module whose
+        parameters are all frozen: its BatchNorm statistics and dropout stay fixed)."""
+        if trainable == "all":
+            return []
+        parts = ("heads", "last_stage") if trainable == "exits+last" else ("heads",)
+        keep = part_parameter_names(self.model, parts)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name in keep)
+        frozen = [m for m in self.model.modules() if m is not self.model
+                  and any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        self.log(f"trainable: {trainable} ({n_train / 1e6:.3f} M of {n_all / 1e6:.3f} M parameters; "
+                 "the rest frozen, its norms in eval mode)")
+        return frozen
+
+    def _train_mode(self) -> None:
+        self.step_module.train()
+        for m in self.frozen_modules:
+            m.eval()
+
     def _state(self) -> dict[str, Any]:
         return {
+            # A registered name, a plugin name or a "module:factory" spec, and the factory's kwargs.
             "model_name": self.cfg.model,
-            "model_config": self.model.model_config(),
+            "model_config": {**(self.cfg.model_kwargs or {}), **self.model.model_config()},
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "ema_updates": self.ema.updates if self.ema else 0,
@@ -127,7 +157,8 @@ class Trainer:
         path = Path(path) if path else self.out / CHECKPOINT_NAME
         state = load_checkpoint(path)
         saved = TrainConfig.from_dict(state["config"], source=str(path))
-        for name in ("model", "data", "batch_size", "epochs", "seed", "split_seed", "val_fraction"):
+        for name in ("model", "model_kwargs", "trainable", "data", "batch_size", "epochs", "seed",
+                     "split_seed", "val_fraction"):
             if getattr(saved, name) != getattr(self.cfg, name):
                 raise UsageError(f"cannot resume {path}: {name} was {getattr(saved, name)!r}, "
                                  f"now {getattr(self.cfg, name)!r}")
@@ -158,7 +189,7 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
-        self.step_module.train()
+        self._train_mode()
         order = self._batch_generator(1, self.epoch)
         batches = iterate_batches(self.data.train, cfg.batch_size, shuffle=True, generator=order,
                                   rank=ctx.rank, world_size=ctx.world_size, drop_last=True)

@@ -4,7 +4,9 @@
 
 A small on-device app: it uses only ``runtime/`` (numpy + one backend, never torch). Images are
 read with ``runtime.images``: PGM/PPM and ``.npy`` arrays with numpy alone, and anything PIL
-reads (PNG, JPEG, BMP, ...) when PIL is installed. It prints one line per image and a summary.
+reads (PNG, JPEG, BMP, ...) when PIL is installed; images of another size are resized and
+cropped as training did when the bundle records how (``input.raw.preprocess``). It prints one
+line per image and a summary.
 """
 from __future__ import annotations
 
@@ -26,9 +28,14 @@ from runtime import AdaptiveModel  # noqa: E402
 from runtime.images import image_suffixes, load_image  # noqa: E402
 
 
-def read_image(path: Path, channels: int, size: tuple[int, int], resize: bool) -> np.ndarray:
-    """uint8 (H, W) for 1-channel models, (H, W, C) otherwise, of the model's size."""
-    return load_image(path, (channels, *size), resize=resize)
+def read_image(path: Path, channels: int, size: tuple[int, int], resize: bool,
+               preprocess=None) -> np.ndarray:
+    """uint8 (H, W) for 1-channel models, (H, W, C) otherwise, of the model's size.
+
+    ``preprocess``: the bundle's ``input.raw.preprocess`` (models trained on image folders):
+    an image of another size is resized and cropped exactly as training did (numpy,
+    ``runtime.preprocess``); without it, ``resize`` stretches it to the model's size."""
+    return load_image(path, (channels, *size), resize=resize, preprocess=preprocess)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -48,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default=None, help="force a backend (default: the device "
                                                     "profile's order, with fallback)")
     ap.add_argument("--threads", type=int, default=None, help="backend threads per session")
-    ap.add_argument("--resize", action="store_true", help="resize images to the model's size")
+    ap.add_argument("--resize", action="store_true",
+                    help="resize images to the model's size (bundles trained on image folders "
+                         "resize and crop other sizes as training did, always)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     args = ap.parse_args(argv)
 
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load {args.bundle}: {exc}", file=sys.stderr)
         return 2
     C, H, W = model.input_shape
+    preprocess = model.manifest.input.raw.preprocess  # how training resized other sizes
     blank = np.zeros((H, W) if C == 1 else (H, W, C), dtype=np.uint8)
     model.predict(blank, rule="full")  # warm-up: the first run pays for lazy initialisation
     load_ms = (time.perf_counter() - t_load) * 1e3
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in images:
         name = str(path.relative_to(args.images))
         try:
-            arr = read_image(path, C, (H, W), args.resize)
+            arr = read_image(path, C, (H, W), args.resize, preprocess)
             p = model.predict(arr, budget_ms=args.budget_ms, rule=args.rule)
         except (ValueError, OSError) as exc:
             failed += 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.data
 from torch import Tensor
 
 from runtime.errors import PipelineError
@@ -71,6 +72,11 @@ class ImageDataset:
         n = len(self)
         idx = torch.arange(n) if n <= max_count else torch.linspace(0, n - 1, max_count).long()
         return self.get_batch(idx)[0]
+
+    def decode_workers(self) -> int:
+        """DataLoader worker processes worth using to produce this split's batches (0: in the
+        calling process). In-memory splits: 0; image folders decide by their decoding cost."""
+        return 0
 
     def all_images(self) -> Tensor:
         """Every image, uint8 NCHW (loads lazily-held datasets completely)."""
@@ -164,19 +170,43 @@ def epoch_indices(n: int, *, shuffle: bool, generator: torch.Generator | None = 
     return perm[rank:usable:world_size]
 
 
+class _BatchList(torch.utils.data.Dataset):
+    """Batch ``i`` of a fixed list of index tensors: what a DataLoader worker decodes."""
+
+    def __init__(self, ds: ImageDataset, batches: list[Tensor]):
+        self.ds, self.batches = ds, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.ds.get_batch(self.batches[i])
+
+
 def iterate_batches(ds: ImageDataset, batch_size: int, *, shuffle: bool,
                     generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1,
-                    drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+                    drop_last: bool = False, num_workers: int | None = None
+                    ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (uint8 images NCHW, int64 labels) batches of ``ds`` for one epoch on this rank.
 
     With ``world_size == 1`` every index appears exactly once; with more ranks the last
     ``len(ds) % world_size`` entries of the permutation are left out so shards are equal.
+    ``num_workers``: DataLoader worker processes that decode the batches (image folders), in
+    order; None: ``ds.decode_workers()`` (0 for in-memory data and small image folders).
+    The batches are the same either way.
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     idx = epoch_indices(len(ds), shuffle=shuffle, generator=generator, rank=rank,
                         world_size=world_size)
     stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
-    for i in range(0, stop, batch_size):
-        yield ds.get_batch(idx[i:i + batch_size])
+    batches = [idx[i:i + batch_size] for i in range(0, stop, batch_size)]
+    workers = ds.decode_workers() if num_workers is None else int(num_workers)
+    if workers <= 0 or len(batches) <= 1:
+        for b in batches:
+            yield ds.get_batch(b)
+        return
+    loader = torch.utils.data.DataLoader(_BatchList(ds, batches), batch_size=None, shuffle=False,
+                                         num_workers=min(workers, len(batches)), prefetch_factor=4)
+    yield from loader
 

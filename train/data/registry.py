@@ -124,16 +124,17 @@ def _load_imagefolder(root: str | os.PathLike | None, *, val_fraction: float, sp
         raise DataNotFoundError(
             f"imagefolder: no images found.\nLooked in:\n  - {dirs.get('train', p)}\nExpected "
             f"<class>/<image> files with extensions {', '.join(imagefolder.IMG_EXTENSIONS)}")
-    mode, natural = imagefolder.probe_images(paths)
+    mode, natural, pixels = imagefolder.probe_folder(paths)
     size = img_size or natural
     lab = torch.tensor(labels, dtype=torch.int64)
-    full = imagefolder.ImageFolderDataset(None, lab, paths, size, mode)
+    full = imagefolder.ImageFolderDataset(None, lab, paths, size, mode, pixels)
 
     def folder(split: str) -> ImageDataset | None:
         if split not in dirs:
             return None
         ps, ls, _ = imagefolder.scan_class_folders(dirs[split], names)
-        return imagefolder.ImageFolderDataset(None, torch.tensor(ls, dtype=torch.int64), ps, size, mode)
+        return imagefolder.ImageFolderDataset(None, torch.tensor(ls, dtype=torch.int64), ps, size, mode,
+                                              pixels)
 
     val, test = folder("val"), folder("test")
     sources = {"val_source": "folder" if val is not None else "carved",
@@ -155,7 +156,8 @@ def _load_imagefolder(root: str | os.PathLike | None, *, val_fraction: float, sp
         in_chans=3 if mode == "RGB" else 1, img_size=size,
         augment=AugmentSpec(pad=max(1, size // 8), flip=True), val_fraction=val_fraction,
         split_seed=split_seed, root=str(p),
-        extra={**sources, "stats_images": min(len(train), max_stat_images)})
+        extra={**sources, "stats_images": min(len(train), max_stat_images),
+               "preprocess": imagefolder.preprocess_record(size)})
 
 
 def load_dataset(name: str, root: str | None = None, *, val_fraction: float = 0.1,

@@ -51,27 +51,45 @@ def register_model(fn: F | None = None, *, name: str | None = None, family: str 
 
 
 def _entry(name: str) -> EntryFn:
-    if name not in _ENTRIES:
-        raise UsageError(f"unknown model {name!r}; known models: {', '.join(sorted(_ENTRIES))}")
-    return _ENTRIES[name]
+    """A registered name, else an installed plugin (entry point) or a ``module:factory`` spec
+    (``plugins.py``: importing a spec's module runs its code, see there)."""
+    if name in _ENTRIES:
+        return _ENTRIES[name]
+    from . import plugins
+
+    fn = plugins.resolve(name)
+    if fn is None:
+        extra = sorted(plugins.entry_points())
+        raise UsageError(f"unknown model {name!r}; known models: {', '.join(sorted(_ENTRIES) + extra)} "
+                         "(or a model of your own as 'package.module:factory')")
+    return fn
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3, img_size: int | None = None,
                  **kwargs) -> AdaptiveDepthNet:
-    """Build a registered model; ``img_size=None`` uses the model's default. Sets ``model.model_name``.
+    """Build a registered model, an installed plugin model or a ``module:factory`` spec;
+    ``img_size=None`` uses the model's default. Sets ``model.model_name`` (the name or spec) and
+    ``model.model_kwargs`` (the extra ``kwargs``).
 
-    ``create_model(model.model_name, **model.model_config())`` rebuilds an identical architecture.
+    ``create_model(model.model_name, **model.model_kwargs, **model.model_config())`` rebuilds an
+    identical architecture (``model_config`` wins where both have a key).
     """
     fn = _entry(name)
     if img_size is not None:
         kwargs["img_size"] = img_size
     model = fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if not isinstance(model, AdaptiveDepthNet):
+        raise UsageError(f"model {name!r} returned a {type(model).__name__}, not an AdaptiveDepthNet "
+                         "(wrap a backbone with train.models.compose.compose_adn)")
     model.model_name = name
+    model.model_kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
     return model
 
 
-def list_models() -> list[ModelInfo]:
-    """Every registered model, sorted by name."""
+def list_models(plugins: bool = True) -> list[ModelInfo]:
+    """Every registered model, sorted by name, then (``plugins``) every installed plugin model
+    (entry-point group ``adaptive_depth_pipeline.models``; one that fails to load is left out
+    with a warning)."""
     infos = []
     for key in sorted(_ENTRIES):
         meta = dict(_META[key])
@@ -82,6 +100,30 @@ def list_models() -> list[ModelInfo]:
             meta["num_stages"] = meta["num_stages"] or model.num_stages
             _META[key].update(meta)
         infos.append(ModelInfo(name=key, **meta))
+    if plugins:
+        infos.extend(_plugin_infos())
+    return infos
+
+
+def _plugin_infos() -> list[ModelInfo]:
+    import warnings
+
+    from .plugins import entry_points
+
+    infos = []
+    for key, ep in sorted(entry_points().items()):
+        if key in _ENTRIES:
+            continue
+        try:
+            fn = ep.load()
+            with torch.device("meta"):
+                model = fn()
+            doc = (getattr(fn, "__doc__", None) or "").strip().splitlines()
+            infos.append(ModelInfo(name=key, family=f"plugin:{ep.value.partition(':')[0]}",
+                                   description=doc[0] if doc else ep.value,
+                                   default_img_size=int(model.img_size), num_stages=int(model.num_stages)))
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the listing
+            warnings.warn(f"model plugin {key!r} ({ep.value}) left out: {type(exc).__name__}: {exc}")
     return infos
 
 

@@ -1,4 +1,5 @@
-"""Initialise ADN models from torchvision-format checkpoints (ResNets; ViT-B/16 key names are mapped).
+"""Initialise ADN models from torchvision-format checkpoints (ResNets and MobileNetV2 by name; ViT-B/16
+and Swin-T key names are mapped).
 
 Matching tensors are copied (shapes must agree exactly), every block norm is copied into its
 skip-aware twin and the intermediate exit heads are initialised afresh. The classifier (``fc`` /
@@ -23,6 +24,8 @@ TORCHVISION_URLS = {
     "resnet50_adn": "https://download.pytorch.org/models/resnet50-0676ba61.pth",  # IMAGENET1K_V1, 76.13%
     "resnet50_adn_v2": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",  # IMAGENET1K_V2, 80.86%
     "vit_b16_adn": "https://download.pytorch.org/models/vit_b_16-c867db91.pth",
+    "mobilenetv2_adn": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",  # IMAGENET1K_V1, 71.88%
+    "swin_t_adn": "https://download.pytorch.org/models/swin_t-704ceda3.pth",  # IMAGENET1K_V1, 81.47%
 }
 
 _VIT_RULES = [  # torchvision ViT name -> ViTADN name
@@ -38,6 +41,50 @@ _VIT_RULES = [  # torchvision ViT name -> ViTADN name
     (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"blocks.\1.mlp.fc1."),
     (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"blocks.\1.mlp.fc2."),
 ]
+
+
+# torchvision Swin (features.0 = patch embedding, features.1/3/5/7 = stages, features.2/4/6 = patch
+# merging) -> SwinADN (timm layout: the patch merging opens the stage it feeds)
+_SWIN_STAGE = {1: 0, 3: 1, 5: 2, 7: 3}
+_SWIN_MERGE = {2: 1, 4: 2, 6: 3}
+
+
+def _swin_key(key: str) -> str | None:
+    """One torchvision ``SwinTransformer`` key -> ``SwinADN`` key (None: a derived buffer, dropped)."""
+    if key.endswith("relative_position_index"):
+        return None
+    m = re.match(r"^features\.0\.(0|2)\.(.*)$", key)
+    if m:
+        return f"patch_embed.{'proj' if m[1] == '0' else 'norm'}.{m[2]}"
+    m = re.match(r"^features\.(\d+)\.(.*)$", key)
+    if m and int(m[1]) in _SWIN_MERGE:
+        return f"layers.{_SWIN_MERGE[int(m[1])]}.downsample.{m[2]}"
+    if m and int(m[1]) in _SWIN_STAGE:
+        rest = re.sub(r"\.mlp\.0\.", ".mlp.fc1.", re.sub(r"\.mlp\.3\.", ".mlp.fc2.", "." + m[2]))[1:]
+        return f"layers.{_SWIN_STAGE[int(m[1])]}.blocks.{rest}"
+    return key
+
+
+def torchvision_swin_to_adn(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename torchvision ``swin_t`` keys to ``SwinADN`` names (``relative_position_index`` dropped)."""
+    out = {}
+    for key, value in sd.items():
+        new = _swin_key(key)
+        if new is not None:
+            out[new] = value
+    return out
+
+
+def _is_torchvision_swin(sd: Mapping[str, Tensor]) -> bool:
+    return "features.0.0.weight" in sd and any(k.startswith("features.1.0.attn.") for k in sd)
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    """Key prefix of the last exit's classifier: ``classifier.1.`` (MobileNetV2), ``head.`` (ViT,
+    Swin) or ``fc.`` (ResNet)."""
+    if isinstance(getattr(model, "classifier", None), nn.Sequential):
+        return "classifier.1."
+    return "head." if hasattr(model, "head") and not hasattr(model, "fc") else "fc."
 
 
 @dataclass
@@ -99,8 +146,10 @@ def load_torchvision_state_dict(model: nn.Module, state_dict_or_path: Mapping[st
     sd = read_state_dict(state_dict_or_path)
     if "conv_proj.weight" in sd:
         sd = torchvision_vit_to_adn(sd)
+    elif _is_torchvision_swin(sd):
+        sd = torchvision_swin_to_adn(sd)
     target = model.state_dict()
-    head = "head." if hasattr(model, "head") and not hasattr(model, "fc") else "fc."
+    head = classifier_prefix(model)
     report = LoadReport()
     head_differs = f"{head}weight" in sd and sd[f"{head}weight"].shape[0] != target[f"{head}weight"].shape[0]
     backbone = {k for k in target if not _is_twin(k) and not k.startswith("exits.")}
@@ -127,5 +176,5 @@ def load_torchvision_state_dict(model: nn.Module, state_dict_or_path: Mapping[st
         exit_head.reset_parameters()
     report.fresh = sorted(k for k in target if k.startswith("exits."))
     if report.skipped:
-        getattr(model, head.rstrip(".")).reset_parameters()
+        model.get_submodule(head.rstrip(".")).reset_parameters()
     return report
