@@ -454,7 +454,8 @@ class AdaptiveModel:
                 # which raises its usual error (or accepts finite values that overflowed the sum)
                 if _isfinite(z.sum(dtype=np.float64)):
                     return z, False
-        return prepare_input(x, self.input_shape, self._mean, self._std)
+        return prepare_input(x, self.input_shape, self._mean, self._std,
+                             preprocess=self.manifest.input.raw.preprocess)
 
     def predict(self, x: Any, budget_ms: Optional[float] = None, rule: RuleLike = None,
                 skip_config: Optional[str] = None):
@@ -608,7 +609,8 @@ class AdaptiveModel:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         batch, _ = prepare_input(x, self.input_shape, self.manifest.input.mean,
-                                 self.manifest.input.std)
+                                 self.manifest.input.std,
+                                 preprocess=self.manifest.input.raw.preprocess)
         out = []
         for i in range(0, batch.shape[0], batch_size):
             logits = self.executor.run_exits(batch[i:i + batch_size], cfg)

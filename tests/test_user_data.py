@@ -181,6 +181,10 @@ def _check_deployed_preprocessing(bundle: Path, folder: Path, tmp: Path) -> None
     x0, _ = prepare_input(on_device, model.input_shape, model.manifest.input.mean,
                           model.manifest.input.std)
     assert np.array_equal(x, x0)
+    # AdaptiveModel.predict takes the raw photo too (the bundle's record), same answer
+    p_raw = model.predict(raw, rule="full")
+    assert p_raw.class_id == p_file.class_id
+    np.testing.assert_array_equal(p_raw.probabilities, p_file.probabilities)
     # pipeline predict (no --resize needed: the bundle says how) and the example app
     res = CliRunner().invoke(cli, ["predict", "--bundle", str(bundle), str(photo), "--rule", "full",
                                    "--json", "--threads", "1"])
