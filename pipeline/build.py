@@ -811,8 +811,9 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
 
 def archive_name(ctx: _Ctx, model_name: str) -> str:
     # A model of your own is named by its "module:factory" spec: no ':' (tar/scp read host:path).
-    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name)
-    return f"{safe}-{ctx.profile.name}"
+    from export.backends import artifact_id
+
+    return f"{artifact_id(model_name)}-{ctx.profile.name}"
 
 
 def _package_inputs(ctx: _Ctx) -> dict:

@@ -117,7 +117,9 @@ def acceptance_checks(results: dict[str, Any], acceptance: dict[str, Any]) -> li
 def finish_on_device(root: Path, device: str, model_name: str, backends: list[str],
                      archive: Optional[str], is_jetson: bool) -> list[str]:
     """How to finish on the device: copy, build TensorRT engines there, measure there."""
-    name = f"{model_name}-{device}"
+    from export.backends import artifact_id
+
+    name = f"{artifact_id(model_name)}-{device}"  # a "module:factory" spec has no ':' here
     host = "jetson" if is_jetson else device
     bundle = root / "bundle"
     lines = [f"scp -r {shlex.quote(str(bundle))} {host}:{name}"]

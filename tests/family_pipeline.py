@@ -67,3 +67,44 @@ def export_compile_run(root: Path, name: str, data_spec: str, **model_kwargs) ->
                 assert p.exit_index == model.num_stages - 1
                 np.testing.assert_allclose(p.probabilities, ref_p, atol=1e-4)
     return {"parity": parity, "max_diff": max_diff, "portable": portable, "host": host, "model": model}
+
+
+def calibrate_and_profile(host: Path) -> None:
+    """``pipeline calibrate`` and ``pipeline profile --quick`` on a compiled bundle; both write the manifest."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from runtime.bundle import Bundle
+
+    r = CliRunner().invoke(cli, ["calibrate", "--bundle", str(host), "--max-drop", "5", "--rule", "max_prob",
+                                 "--threads", "1", "--profile-runs", "3"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["profile", "--bundle", str(host), "--quick", "--batch", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = Bundle.open(host, verify=True).manifest
+    assert m.stopping.rule == "max_prob" and len(m.stopping.params["thresholds"]) == m.stages - 1
+    assert {e.skip_config for e in m.latency if e.skip_config} == set(m.skip_configs)  # every config profiled
+
+
+def tvm_matches_onnxruntime(portable: Path, out: Path, piece_id: str) -> float:
+    """Compile one piece of a portable bundle with TVM for this CPU (untuned) and return the
+    max |output difference| against ONNX Runtime on random inputs."""
+    import onnxruntime as ort
+
+    from export.tvm import compile_onnx
+    from runtime.backends.tvm_runner import TVMPieceRunner
+    from runtime.bundle import Bundle
+
+    b = Bundle.open(portable)
+    piece = b.manifest.piece(piece_id)
+    onnx_path = b.artifact_path(piece_id, "onnx")
+    art = compile_onnx(onnx_path, {"kind": "llvm"}, out / f"{piece_id}.so")
+    runner = TVMPieceRunner(art.path, input_names=[t.name for t in piece.inputs],
+                            output_names=[t.name for t in piece.outputs])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {t.name: rng.standard_normal([2 if d in ("N", -1) else d for d in t.shape])
+             .astype(np.float32) for t in piece.inputs}
+    want = session.run([t.name for t in piece.outputs], feeds)
+    got = runner.run(feeds)
+    return max(float(np.abs(a - g).max()) for a, g in zip(want, got))

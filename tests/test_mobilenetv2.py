@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from family_pipeline import export_compile_run, perturb
+from family_pipeline import calibrate_and_profile, export_compile_run, perturb, tvm_matches_onnxruntime
 from train.models import all_skip_configs, create_model, load_torchvision_state_dict, macs_per_exit, piece_macs
 
 
@@ -91,11 +90,27 @@ def test_torchvision_weights_load_with_identical_logits():
     assert load_torchvision_state_dict(fine_tune, sd).skipped == ["classifier.1.weight", "classifier.1.bias"]
 
 
-def test_export_onnxruntime_and_runtime_every_config(tmp_path):
-    result = export_compile_run(tmp_path, "mobilenetv2_adn_cifar", "synthetic:chans=1,size=28",
-                                width_mult=0.5)
-    assert result["parity"]["max_logits_diff_chained"] <= 1e-4
-    assert result["max_diff"] <= 1e-4
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_compile_run(tmp_path_factory.mktemp("mobilenetv2_adn_cifar"), "mobilenetv2_adn_cifar", "synthetic:chans=1,size=28", width_mult=0.5)
+
+
+def test_export_onnxruntime_and_runtime_every_config(exported):
+    assert exported["parity"]["max_logits_diff_chained"] <= 1e-4
+    assert exported["max_diff"] <= 1e-4
+
+
+def test_tvm_compiles_a_piece(exported, tmp_path):
+    pytest.importorskip("tvm")
+    from runtime.bundle import Bundle
+
+    first = Bundle.open(exported["portable"]).manifest.execution["F" * exported["model"].num_stages][0][0]
+    assert tvm_matches_onnxruntime(exported["portable"], tmp_path, first) <= 1e-4
+
+
+@pytest.mark.slow
+def test_calibrate_and_profile(exported):
+    calibrate_and_profile(exported["host"])
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from family_pipeline import export_compile_run, perturb
+from family_pipeline import calibrate_and_profile, export_compile_run, perturb, tvm_matches_onnxruntime
 from train.models import all_skip_configs, create_model, load_torchvision_state_dict, macs_per_exit, piece_macs
 
 NARROW = {"embed_dim": 24, "num_heads": (1, 2, 2, 4)}
@@ -99,7 +99,24 @@ def test_torchvision_weights_load_with_identical_logits():
         ["head.weight", "head.bias"]
 
 
-def test_export_onnxruntime_and_runtime_every_config(tmp_path):
-    result = export_compile_run(tmp_path, "swin_t_adn_cifar", "synthetic:chans=1,size=28", **NARROW)
-    assert result["parity"]["max_logits_diff_chained"] <= 1e-4
-    assert result["max_diff"] <= 1e-4
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_compile_run(tmp_path_factory.mktemp("swin_t_adn_cifar"), "swin_t_adn_cifar", "synthetic:chans=1,size=28", **NARROW)
+
+
+def test_export_onnxruntime_and_runtime_every_config(exported):
+    assert exported["parity"]["max_logits_diff_chained"] <= 1e-4
+    assert exported["max_diff"] <= 1e-4
+
+
+def test_tvm_compiles_a_piece(exported, tmp_path):
+    pytest.importorskip("tvm")
+    from runtime.bundle import Bundle
+
+    first = Bundle.open(exported["portable"]).manifest.execution["F" * exported["model"].num_stages][0][0]
+    assert tvm_matches_onnxruntime(exported["portable"], tmp_path, first) <= 1e-4
+
+
+@pytest.mark.slow
+def test_calibrate_and_profile(exported):
+    calibrate_and_profile(exported["host"])

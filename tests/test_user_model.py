@@ -280,6 +280,17 @@ def test_users_model_goes_end_to_end_in_fresh_processes(tmp_path, user_module, p
     assert not any(":" in p.name for p in (work / "build" / "x86-host").iterdir())
     print(f"end to end: {time.perf_counter() - t0:.1f} s")
 
+    # Exits-only training of the same model from its checkpoint, through the CLI.
+    _run(python, ["train", "--model", "tinyusernet:factory", "--model-kwargs", '{"width": 6}',
+                  "--data", "digits", "--epochs", "1", "--batch-size", "64", "--threads", "1",
+                  "--no-bf16", "--init-weights", "run/model.pt", "--trainable", "exits",
+                  "--max-steps", "3", "--out", "exits"], env, work)
+    frozen = torch.load(work / "exits" / "model.pt", weights_only=True)
+    assert frozen["config"]["trainable"] == "exits"
+    for key, value in state["model"].items():
+        same = torch.equal(value, frozen["model"][key])
+        assert same != key.startswith("exits.") or key.endswith("num_batches_tracked"), key
+
     # Without the module on the path the checkpoint cannot be rebuilt: one Error line naming it.
     env_without = dict(pipeline_env)
     proc = subprocess.run([python, "-m", "pipeline", "export", "--checkpoint", "run/model.pt",

@@ -58,7 +58,7 @@ AUTHORS_WEIGHTS = {
 _DERIVED = "relative_position_index"
 
 
-def _resnet_pairs(model: ResNetADN, keys: list[str]) -> dict[str, str]:
+def _resnet_pairs(keys: list[str]) -> dict[str, str]:
     pairs = {}
     for key in keys:
         m = re.match(r"^(layer\d+\.\d+\.)(bn\d)\.twin\.(.*)$", key)
@@ -160,7 +160,7 @@ def key_pairs(model: nn.Module) -> dict[str, str]:
     """
     keys = [k for k in model.state_dict() if not k.startswith("exits.")]
     if isinstance(model, ResNetADN):
-        return _resnet_pairs(model, keys)
+        return _resnet_pairs(keys)
     if isinstance(model, MobileNetV2ADN):
         return _mobilenetv2_pairs(model, keys)
     if isinstance(model, ViTADN):

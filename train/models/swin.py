@@ -75,6 +75,9 @@ class WindowAttention(nn.Module):
         pad = (window - resolution % window) % window
         self.num_heads, self.window, self.resolution, self.pad = num_heads, window, resolution, pad
         self.shift = 0 if window >= resolution + pad else shift
+        # a Python float: exported as a float32 constant (a scale computed from the traced
+        # shape becomes a float64 graph op that TVM's ONNX importer refuses)
+        self.scale = float((dim // num_heads) ** -0.5)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
@@ -94,7 +97,7 @@ class WindowAttention(nn.Module):
         nw = (ph // ws) * (pw // ws)
         x = x.view(n, ph // ws, ws, pw // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n * nw, ws * ws, c)
         q, k, v = self.qkv(x).reshape(n * nw, ws * ws, 3, nh, c // nh).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q * (c // nh) ** -0.5).matmul(k.transpose(-2, -1))
+        attn = (q * self.scale).matmul(k.transpose(-2, -1))
         bias = self.relative_position_bias_table[self.relative_position_index]
         attn = attn + bias.view(ws * ws, ws * ws, nh).permute(2, 0, 1).unsqueeze(0)
         if self.attn_mask is not None:
