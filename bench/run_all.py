@@ -367,7 +367,7 @@ def bench_training(ckpt: Path, steps: int, threads: Optional[int], quick: bool) 
     p_sched = build_scheduler(p_opt, cfg, tr.steps_per_epoch)
 
     def adn_step(x, y):
-        with torch.autocast(tr.ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(tr.ctx.device.type, dtype=torch.bfloat16, enabled=tr.bf16):
             s, b, inc = tr.step_module(x)
             loss, _ = tr.loss_fn(s, b, y, inc)
         tr.optimizer.zero_grad(set_to_none=True)
@@ -376,7 +376,7 @@ def bench_training(ckpt: Path, steps: int, threads: Optional[int], quick: bool) 
         tr.scheduler.step()
 
     def plain_step(x, y):
-        with torch.autocast(tr.ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(tr.ctx.device.type, dtype=torch.bfloat16, enabled=tr.bf16):
             loss = F.cross_entropy(plain(x), y, label_smoothing=cfg.label_smoothing)
         p_opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -283,3 +283,23 @@ def test_interrupted_build_leaves_the_old_bundle_and_the_next_build_completes(ho
     assert m.annotations["calibration"]["max_drop"] == 1.0
     again = run_build(cfg, log=_quiet)
     assert {s.status for s in again.stages} == {"reused"}
+
+
+@pytest.mark.slow
+def test_benchmark_suite_runs_on_a_build(host_build, tmp_path, pipeline_env):
+    """`bench/run_all.py --quick` on a real build: every section runs (so a crash there fails
+    the suite) and the JSON has a ratio for each. Rough numbers: only that it runs is checked."""
+    import subprocess
+    import sys
+
+    root = host_build[1].root
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench/run_all.py", "--quick", "--build-dir", str(root),
+                        "--limit", "40", "--train-steps", "2", "--tvm-pieces", "1",
+                        "--threads", "1", "--train-threads", "1", "--json-out", str(out)],
+                       cwd=Path(__file__).resolve().parents[1], env=pipeline_env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    results = json.loads(out.read_text())
+    assert results, r.stdout[-2000:]
