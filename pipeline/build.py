@@ -420,10 +420,55 @@ def _train_inputs(ctx: _Ctx) -> dict:
             "data": data_identity(cfg.train.data, cfg.train.data_root)}
 
 
+#: Training results shared by the builds of every device under one output root: training does
+#: not depend on the device (``<build.out>/.train-cache/<training input hash>/``).
+TRAIN_CACHE = ".train-cache"
+#: What the cache keeps of a training run (not the resumable ``checkpoint.pt``).
+_CACHED_TRAIN_FILES = ("model.pt", "metrics.jsonl", "eval.json", "exits.png")
+
+
+def _train_cache(ctx: _Ctx, input_hash: str) -> Path:
+    return Path(ctx.cfg.build.out) / TRAIN_CACHE / input_hash[:32]
+
+
+def _train_from_cache(ctx: _Ctx, input_hash: str) -> Optional[dict]:
+    """The stage's outputs from another device's build with the same training, copied into
+    this build's train/; None when there is none (or it does not verify)."""
+    cache = _train_cache(ctx, input_hash)
+    record = cache / "record.json"
+    if not record.is_file() or not (cache / "model.pt").is_file():
+        return None
+    rec = json.loads(record.read_text())
+    if sha256_file(cache / "model.pt") != rec.get("sha256"):
+        return None
+    paths = ctx.paths
+    if paths.train.exists():
+        shutil.rmtree(paths.train)
+    shutil.copytree(cache, paths.train, ignore=shutil.ignore_patterns("record.json"))
+    ctx.log(f"  reusing the training of {cache} (the same training config and data; "
+            "training does not depend on the device)")
+    return {**rec, "checkpoint": str((paths.train / "model.pt").relative_to(paths.root)),
+            "reused_from": str(cache)}
+
+
+def _train_to_cache(ctx: _Ctx, input_hash: str, out: dict) -> None:
+    from runtime.atomic import atomic_directory, atomic_write_json
+
+    with atomic_directory(_train_cache(ctx, input_hash), overwrite=True) as tmp:
+        for name in _CACHED_TRAIN_FILES:
+            if (ctx.paths.train / name).is_file():
+                shutil.copyfile(ctx.paths.train / name, tmp / name)
+        atomic_write_json(tmp / "record.json", {k: v for k, v in out.items() if k != "checkpoint"})
+
+
 def _train_run(ctx: _Ctx, input_hash: str) -> dict:
     from train.trainer import Trainer
 
     cfg, paths = ctx.cfg, ctx.paths
+    if not cfg.build.checkpoint:
+        reused = _train_from_cache(ctx, input_hash)
+        if reused is not None:
+            return reused
     marker = paths.train / ".build-input"
     resume = (paths.train / "checkpoint.pt").is_file() and marker.is_file() \
         and marker.read_text().strip() == input_hash
@@ -440,10 +485,12 @@ def _train_run(ctx: _Ctx, input_hash: str) -> dict:
     ckpt = paths.train / "model.pt"
     if not ckpt.is_file():
         raise BuildError(f"training wrote no {ckpt}")
-    return {"checkpoint": str(ckpt.relative_to(paths.root)), "sha256": sha256_file(ckpt),
-            "full_depth_accuracy": summary.get("full_depth_accuracy"),
-            "base_accuracy": summary.get("base_accuracy"), "steps": summary.get("steps"),
-            "epochs": summary.get("epochs")}
+    out = {"checkpoint": str(ckpt.relative_to(paths.root)), "sha256": sha256_file(ckpt),
+           "full_depth_accuracy": summary.get("full_depth_accuracy"),
+           "base_accuracy": summary.get("base_accuracy"), "steps": summary.get("steps"),
+           "epochs": summary.get("epochs")}
+    _train_to_cache(ctx, input_hash, out)
+    return out
 
 
 def checkpoint_path(ctx: _Ctx, out: Optional[dict] = None) -> Path:
@@ -937,7 +984,7 @@ def evaluate_build(ctx: _Ctx) -> dict:
     p50 = segment_costs_ms(m, host_dev, host_backend, cal_cfg, 1, "p50")
 
     static = ev.static_points(probs, y, m, table, mono_macs)
-    skip_acc = m.annotations.get("skip_accuracy") or {}
+    skip_acc = m.stopping.skip_accuracy
     offset = 100.0 * (skip_acc.get(full, 0.0) - skip_acc.get(cal_cfg, 0.0))
     curves = ev.rule_curves(e.rules, e.max_drops, val_probs, val_y, probs[cal_cfg], y, cal_cfg,
                             p50, table, m, mono_macs, drop_offset_points=offset, progress=log)

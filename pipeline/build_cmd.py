@@ -50,7 +50,8 @@ def _stage_table(result) -> list[str]:
 
 @click.command("build")
 @click.option("--device", "-d", default=None,
-              help="Device profile: name, alias or .toml path (see `pipeline devices`). "
+              help="Device profile: name, alias or .toml path (see `pipeline devices`); "
+                   "several, comma-separated, share one training (jetson,raspberry-pi-5,host). "
                    "[x86-host, or the config file's]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Build config (TOML/YAML/JSON): [build], [train] (any TrainConfig "
@@ -83,22 +84,31 @@ def build(device: Optional[str], config_file: Optional[Path], checkpoint: Option
           data_root: Optional[str], epochs: Optional[int], max_steps: Optional[int],
           rule: Optional[str], max_drop: Optional[float], eval_limit: Optional[int],
           threads: Optional[int], dry_run: bool, force: bool) -> None:
-    """Train, export, compile, calibrate, profile and evaluate for one device; write
+    """Train, export, compile, calibrate, profile and evaluate for a device; write
     OUT/<device>/ with the bundle, report.md, report.json and plots. Stages whose inputs are
-    unchanged are reused."""
+    unchanged are reused, and the builds of several devices share one training."""
+    from pipeline.build_config import build_config
+
+    devices = [d.strip() for d in device.split(",") if d.strip()] if device else [None]
+    for i, dev in enumerate(devices):
+        if len(devices) > 1:
+            click.echo(f"\n=== device {i + 1} of {len(devices)}: {dev} ===")
+        overrides = {
+            "build.device": dev, "build.checkpoint": str(checkpoint) if checkpoint else None,
+            "build.out": out, "build.backends": _split_backends(backends), "build.threads": threads,
+            "train.model": model, "train.data": data, "train.data_root": data_root,
+            "train.epochs": epochs, "train.max_steps": max_steps, "calibrate.rule": rule,
+            "calibrate.max_drop": max_drop, "evaluate.limit": eval_limit,
+        }
+        _build_one(build_config(config_file, overrides), force=force, dry_run=dry_run)
+
+
+def _build_one(cfg, *, force: bool, dry_run: bool) -> None:
+    """Run one device's build and print its stages, summary and the steps left on the device."""
     from export.onnx_export import ExportError
     from pipeline.build import BuildError, run_build
-    from pipeline.build_config import build_config
     from pipeline.report import summary_lines
 
-    overrides = {
-        "build.device": device, "build.checkpoint": str(checkpoint) if checkpoint else None,
-        "build.out": out, "build.backends": _split_backends(backends), "build.threads": threads,
-        "train.model": model, "train.data": data, "train.data_root": data_root,
-        "train.epochs": epochs, "train.max_steps": max_steps, "calibrate.rule": rule,
-        "calibrate.max_drop": max_drop, "evaluate.limit": eval_limit,
-    }
-    cfg = build_config(config_file, overrides)
     try:
         result = run_build(cfg, force=force, dry_run=dry_run, log=click.echo)
     except (BuildError, ExportError) as exc:

@@ -53,11 +53,7 @@ def _open_bundle(path: Path, verify: bool = False):
 
 
 def _skip_accuracy(manifest) -> dict:
-    acc = getattr(manifest.stopping, "skip_accuracy", None)
-    if not acc:
-        ann = manifest.annotations if isinstance(manifest.annotations, dict) else {}
-        acc = ann.get("skip_accuracy")
-    return dict(acc) if isinstance(acc, dict) else {}
+    return dict(manifest.stopping.skip_accuracy)
 
 
 def _default_config(manifest) -> str:

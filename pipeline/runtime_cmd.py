@@ -406,13 +406,12 @@ def calibrate_cmd(bundle: Path, npz: Optional[Path], use_probabilities: bool,
     per-exit probabilities the build computed), fits the rule (export.calibration.calibrate)
     with per-segment costs from the latency table (else timed here, else MACs proportions), and
     stores the parameters, validation accuracy and mean latency in the manifest's stopping
-    record, plus the per-configuration validation accuracy (annotations.skip_accuracy, used to
-    pick a configuration for a budget).
+    record, with the calibrated configuration and every configuration's validation accuracy
+    (``stopping.skip_accuracy``, used to pick a configuration for a budget).
     """
-    from runtime.bundle import Bundle
     from export.calibration import calibrate
-    from runtime.manifest import MANIFEST_NAME, Stopping, save_manifest, utc_now_iso
-
+    from runtime.bundle import Bundle
+    from runtime.manifest import MANIFEST_NAME, save_manifest, utc_now_iso
     from runtime.rules import RULES
 
     if (max_drop is None) == (mean_budget_ms is None):
@@ -482,15 +481,11 @@ def calibrate_cmd(bundle: Path, npz: Optional[Path], use_probabilities: bool,
 
     b = Bundle.open(bundle, verify=False)  # re-read: keep concurrent edits (latency tables)
     new = b.manifest.copy()
-    stopping = result.to_stopping(created=utc_now_iso())
-    new.stopping = Stopping(rule=stopping.rule, params=json_safe(stopping.params),
-                            val_accuracy=stopping.val_accuracy,
-                            mean_latency_ms=None if "MACs" in cost_source
-                            else stopping.mean_latency_ms,
-                            created=stopping.created, skip_config=full,
-                            skip_accuracy=dict(skip_accuracy))
+    new.stopping = result.to_stopping(created=utc_now_iso(), skip_config=full,
+                                      skip_accuracy=skip_accuracy)
+    if "MACs" in cost_source:  # no latency known: a mean in ms would be made up
+        new.stopping.mean_latency_ms = None
     ann = dict(new.annotations)
-    ann["skip_accuracy"] = skip_accuracy
     ann["calibration"] = json_safe({
         "rule": result.rule_name, "skip_config": full, "data": name, "split": "val",
         "n": int(len(y)), "backend": model.backend, "target": model.target,

@@ -303,3 +303,28 @@ def test_benchmark_suite_runs_on_a_build(host_build, tmp_path, pipeline_env):
     assert "Traceback" not in r.stderr
     results = json.loads(out.read_text())
     assert results, r.stdout[-2000:]
+
+
+def test_builds_for_several_devices_share_one_training(root, tmp_path):
+    """`pipeline build --device host,raspberry-pi-5`: the second device reuses the first's
+    training (cached under OUT/.train-cache by training config and data), and a later build for
+    a third device with the same training does too."""
+    cfg_path = _write_config(tmp_path / "multi.toml", "host", tmp_path / "out")
+    r = CliRunner().invoke(cli, ["build", "--config", str(cfg_path), "--device",
+                                 "host,raspberry-pi-5", "--backends", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert "=== device 2 of 2: raspberry-pi-5 ===" in r.output
+    assert r.output.count("reusing the training of") == 1
+    caches = list((tmp_path / "out" / ".train-cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "model.pt").is_file()
+    host_ckpt = tmp_path / "out" / "x86-host" / "train" / "model.pt"
+    pi_ckpt = tmp_path / "out" / "raspberry-pi-5" / "train" / "model.pt"
+    assert host_ckpt.read_bytes() == pi_ckpt.read_bytes()
+    pi = Bundle.open(tmp_path / "out" / "raspberry-pi-5" / "bundle", verify=True).manifest
+    assert pi.device == "raspberry-pi-5" and pi.deployment.target("onnxruntime", "aarch64-cpu")
+    # another device later, another training config: trained anew, cached beside the first
+    cfg2 = build_config(cfg_path, {"build.device": "jetson", "build.backends": ["onnxruntime"],
+                                   "train.max_steps": 10})
+    res = run_build(cfg2, log=_quiet)
+    assert res.stages[0].status == "built"
+    assert len(list((tmp_path / "out" / ".train-cache").iterdir())) == 2

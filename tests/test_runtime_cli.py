@@ -39,13 +39,13 @@ def test_calibrate_writes_stopping_record_and_bundle_still_verifies(bundle):
     st = b.manifest.stopping
     assert st.rule == "max_prob" and len(st.params["thresholds"]) >= 2
     assert 0.0 <= st.val_accuracy <= 1.0 and st.mean_latency_ms > 0 and st.created
-    ann = b.manifest.annotations
-    assert set(ann["skip_accuracy"]) == set(b.manifest.skip_configs)
-    cal = ann["calibration"]
+    assert set(st.skip_accuracy) == set(b.manifest.skip_configs) and st.skip_config == "FFF"
+    assert "skip_accuracy" not in b.manifest.annotations  # in the schema, not a second copy
+    cal = b.manifest.annotations["calibration"]
     assert cal["split"] == "val" and cal["n"] > 0 and cal["skip_config"] == "FFF"
     assert len(cal["segment_ms"]) == b.manifest.stages
     m = AdaptiveModel.load(bundle, runner_options={"intra_op_threads": 1})
-    assert m.rule_name == "max_prob" and m.skip_accuracy == ann["skip_accuracy"]
+    assert m.rule_name == "max_prob" and m.skip_accuracy == st.skip_accuracy
 
 
 def test_calibrate_uses_the_latency_table_and_mean_budget(bundle):

@@ -131,7 +131,7 @@ def test_data_path_on_the_command_line(folder, tmp_path):
 
 
 def _check_build_dir(out: Path) -> Path:
-    (r,) = [p for p in out.iterdir() if p.is_dir()]
+    (r,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     m = Bundle.open(r / "bundle", verify=True).manifest
     assert m.input.raw.preprocess is not None and m.input.raw.preprocess.size == SIZE
     assert m.input.shape == [3, SIZE, SIZE]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .base import AdaptiveDepthNet
 from .layers import DropPath, SkipAwareLayerNorm, TokenExitHead, apply_norm
 from .registry import register_model
+from .vit import Mlp
 
 _EPS = 1e-5
 
@@ -109,15 +110,6 @@ class WindowAttention(nn.Module):
         if self.shift:
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
         return x[:, :h, :w, :] if self.pad else x
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwinBlock(nn.Module):
