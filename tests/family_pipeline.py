@@ -86,16 +86,17 @@ def calibrate_and_profile(host: Path) -> None:
     assert {e.skip_config for e in m.latency if e.skip_config} == set(m.skip_configs)  # every config profiled
 
 
-def tvm_matches_onnxruntime(portable: Path, out: Path, piece_id: str) -> float:
-    """Compile one piece of a portable bundle with TVM for this CPU (untuned) and return the
-    max |output difference| against ONNX Runtime on random inputs."""
+def tvm_matches_onnxruntime(exported: dict, out: Path) -> float:
+    """Compile the first piece of ``export_compile_run``'s portable bundle with TVM for this CPU
+    (untuned) and return the max |output difference| against ONNX Runtime on random inputs."""
     import onnxruntime as ort
 
     from export.tvm import compile_onnx
     from runtime.backends.tvm_runner import TVMPieceRunner
     from runtime.bundle import Bundle
 
-    b = Bundle.open(portable)
+    b = Bundle.open(exported["portable"])
+    piece_id = b.manifest.execution["F" * exported["model"].num_stages][0][0]
     piece = b.manifest.piece(piece_id)
     onnx_path = b.artifact_path(piece_id, "onnx")
     art = compile_onnx(onnx_path, {"kind": "llvm"}, out / f"{piece_id}.so")

@@ -111,10 +111,7 @@ def test_export_onnxruntime_and_runtime_every_config(exported):
 
 def test_tvm_compiles_a_piece(exported, tmp_path):
     pytest.importorskip("tvm")
-    from runtime.bundle import Bundle
-
-    first = Bundle.open(exported["portable"]).manifest.execution["F" * exported["model"].num_stages][0][0]
-    assert tvm_matches_onnxruntime(exported["portable"], tmp_path, first) <= 1e-4
+    assert tvm_matches_onnxruntime(exported, tmp_path) <= 1e-4
 
 
 @pytest.mark.slow
