@@ -26,6 +26,10 @@ on a shared machine and cache state hit them alike. Each call is timed with
 * ``executor``: ``SegmentExecutor.run_segment`` for every segment (bare chained pieces);
 * ``full_f32`` / ``full_u8``: ``AdaptiveModel.predict(x, rule="full", skip_config=FF..F)`` with
   the preprocessed float input (C, H, W) or the uint8 image (H, W, C) (preprocessing included);
+* ``merged_u8``: ``AdaptiveModel.predict(x, rule="full", skip_config=FF..F)`` on the uint8 image
+  with a copy of the bundle that has the merged piece of full depth (``host-merged``: stages
+  0..S-1 plus the last head as one artifact, what ``pipeline build`` ships): the runtime's full
+  depth path as a build runs it, one backend call;
 * ``early_f32`` / ``early_u8``: ``AdaptiveModel.predict(x, rule=max_prob)`` with thresholds set
   so that about half the images stop before the last exit.
 
@@ -115,6 +119,7 @@ def build(work: Path) -> None:
     import numpy as np
     np.save(work / "images.npy", images)
     build_table_copy(work)
+    build_merged_copy(work)
     (work / "DONE").write_text("ok\n")
 
 
@@ -131,10 +136,26 @@ def build_table_copy(work: Path) -> None:
                     "--no-plot"], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
+def build_merged_copy(work: Path) -> None:
+    """``host-merged``: the host bundle plus the merged piece of full depth FF..F (stages
+    0..S-1 as one artifact, export/merge.py), which ``predict(rule="full")`` then runs."""
+    import shutil
+
+    from export.merge import add_merged_pieces
+    from runtime.bundle import Bundle
+
+    shutil.rmtree(work / "host-merged", ignore_errors=True)
+    shutil.copytree(work / "host", work / "host-merged")
+    S = Bundle.open(work / "host-merged", verify=False).manifest.stages
+    add_merged_pieces(work / "host-merged", [(0, S - 1, "F" * S)])
+
+
 def ensure_built(work: Path) -> None:
     if (work / "DONE").is_file():
         if not (work / "host-table").is_dir():  # built by an earlier version of this script
             build_table_copy(work)
+        if not (work / "host-merged").is_dir():
+            build_merged_copy(work)
         return
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -246,6 +267,12 @@ def measure(args) -> dict:
     def v_full_u8(i):
         return model.predict(x_u8[i], rule="full", skip_config=full)
 
+    merged = AdaptiveModel.load(work / "host-merged", runner_options=runner_options)
+    assert merged.executor.has_merged(0, S - 1, full)
+
+    def v_merged_u8(i):
+        return merged.predict(x_u8[i], rule="full", skip_config=full)
+
     def v_early_f32(i):
         return model.predict(x_f32[i], rule=rule, skip_config=full)
 
@@ -255,6 +282,7 @@ def measure(args) -> dict:
     variants = {"mono": v_mono, "mono_run": v_mono_run, "mono_u8": v_mono_u8,
                 "raw_chain": v_raw_chain,
                 "executor": v_executor, "full_f32": v_full_f32, "full_u8": v_full_u8,
+                "merged_u8": v_merged_u8,
                 "early_f32": v_early_f32, "early_u8": v_early_u8}
     if args.variants:
         keep = ["mono"] + [v for v in args.variants.split(",") if v != "mono"]

@@ -684,7 +684,9 @@ def _calibrate_inputs(ctx: _Ctx) -> dict:
             "profiled": {k: p[k] for k in ("device", "host") if k in p},
             "data": data_identity(ctx.cfg.train.data, ctx.cfg.train.data_root),
             "code": code_hash("runtime", "export/calibration.py", "export/simulate.py",
-                              "pipeline/build.py", "pipeline/evaluate.py", "pipeline/calib_set.py")}
+                              "export/routing_fit.py", "export/merge.py",
+                              "pipeline/router_build.py", "pipeline/build.py",
+                              "pipeline/evaluate.py", "pipeline/calib_set.py")}
 
 
 def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
@@ -789,6 +791,9 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
             raise UsageError(f"[calibrate].skip_config {c.skip_config!r} is not a skip config of "
                              f"this model ({', '.join(m.skip_configs)})")
         candidates = [c.skip_config]
+    if c.rule == "router":
+        return _calibrate_router(ctx, b, probs, y, skip_accuracy, data_name, device=device,
+                                 backend=backend, kind=kind, model=model, same=same)
     search = []
     best = None
     for cand in candidates:
@@ -854,6 +859,44 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
                        "risk_delta": c.risk_delta},
             "details": json_safe({k: v for k, v in res.details.items() if k != "frontier"}),
             "search": search if len(candidates) > 1 else None}
+
+
+def _calibrate_router(ctx: _Ctx, b, probs: dict, y, skip_accuracy: dict, data_name: str, *,
+                      device: str, backend: str, kind: str, model, same: bool) -> dict:
+    """Fit the joint router (pipeline/router_build.py) for one bundle, write its stopping
+    record and the merged pieces of the spans its dropped exits leave."""
+    from pipeline.router_build import add_router_pieces, fit_bundle_router, router_annotation
+    from runtime.bundle import Bundle
+    from runtime.manifest import MANIFEST_NAME, save_manifest
+
+    c = ctx.cfg.calibrate
+    m = b.manifest
+    full = "F" * m.stages
+    fit = fit_bundle_router(m, probs, y, device, backend, max_drop=float(c.max_drop),
+                            delta=c.risk_delta, epsilon=float(c.epsilon), progress=ctx.log)
+    new = m.copy()
+    new.stopping, ann = router_annotation(
+        fit, skip_accuracy, full, data=data_name, n=len(y), backend=model.backend,
+        target=model.target, device=device, table_backend=backend, kind=kind,
+        max_drop=float(c.max_drop), risk_delta=c.risk_delta, epsilon=float(c.epsilon),
+        extra={"by": "pipeline build", "predictions_from": (
+            "this bundle" if same else f"this machine's {model.backend} artifacts "
+            f"({model.target}) of the same ONNX pieces (the host bundle): the same predictions")})
+    new.annotations = {**new.annotations, "calibration": ann}
+    save_manifest(new, b.root / MANIFEST_NAME)
+    merged = add_router_pieces(b.root, fit.rule, progress=ctx.log)
+    if merged:
+        ctx.log(f"merged pieces for the router's multi-stage spans: {', '.join(merged)}")
+    Bundle.open(b.root, verify=True)
+    return {"rule": "router", "params": fit.rule.params(), "skip_config": full,
+            "val_accuracy": fit.val_accuracy, "full_depth_accuracy": skip_accuracy[full],
+            "config_full_depth_accuracy": skip_accuracy[full],
+            "mean_latency_ms": fit.mean_latency_ms, "mean_exit": ann["mean_exit"],
+            "exit_histogram": fit.exit_histogram, "segment_ms": None,
+            "cost_source": ann["segment_ms_source"], "costs_kind": kind, "device": device,
+            "backend": backend, "target": {"max_drop": c.max_drop, "mean_budget_ms": None,
+                                           "risk_delta": c.risk_delta},
+            "details": ann["router"], "merged_pieces": merged, "search": None}
 
 
 def archive_name(ctx: _Ctx, model_name: str) -> str:
@@ -991,10 +1034,13 @@ def evaluate_build(ctx: _Ctx) -> dict:
     rule = rule_from_stopping(m.stopping)
     cum_mean = np.array([r["mean"] for r in table[cal_cfg]])
     cum_p99 = np.array([r["p99"] for r in table[cal_cfg]])
-    deployed_exits = (ev.simulate_exits(rule, probs[cal_cfg], p50) if rule is not None
-                      else np.full(len(y), S - 1))
-    deployed = ev.operating_point(probs[cal_cfg], y, deployed_exits, cum_mean, cum_p99, m, cal_cfg,
-                                  mono_macs)
+    if m.stopping.rule == "router":
+        deployed = ev.router_operating_point(rule, probs, y, m, table, mono_macs)
+    else:
+        deployed_exits = (ev.simulate_exits(rule, probs[cal_cfg], p50) if rule is not None
+                          else np.full(len(y), S - 1))
+        deployed = ev.operating_point(probs[cal_cfg], y, deployed_exits, cum_mean, cum_p99, m,
+                                      cal_cfg, mono_macs)
     deployed.update(rule=m.stopping.rule or "full", kind="simulated")
     full_exits = np.full(len(y), S - 1)
     full_pt = ev.operating_point(probs[full], y, full_exits,
@@ -1042,6 +1088,11 @@ def evaluate_build(ctx: _Ctx) -> dict:
         "test_full_depth_accuracy_per_config": {k: float((p[-1].argmax(axis=1) == y).mean())
                                                 for k, p in probs.items()},
     }
+    # --- measured budget sweep (issue 12 item 5; pipeline/evaluate.py:budget_sweep) ---
+    n_sweep = min(len(y), e.measure_limit or ev.SWEEP_DEFAULT_LIMIT)
+    results["budget_sweep"] = ev.budget_sweep(model, x[:n_sweep], y[:n_sweep], table, static,
+                                              mono=mono, warmup=e.warmup, progress=log)
+    # --- end of the budget sweep ---
     if not ctx.is_host:
         results["device_estimate"] = _device_estimate(ctx, probs, y, mono_macs)
     return results
@@ -1069,11 +1120,14 @@ def _device_estimate(ctx: _Ctx, probs: dict, y, mono_macs: int) -> dict:
             continue
         table = cumulative_table(m, dev, b, 1, stats=("mean", "p99"))
         p50 = segment_costs_ms(m, dev, b, cfg_, 1, "p50")
-        exits = ev.simulate_exits(rule, probs[cfg_], p50) if rule is not None \
-            else np.full(len(y), S - 1)
-        cum = np.array([r["mean"] for r in table[cfg_]])
-        pt = ev.operating_point(probs[cfg_], y, exits, cum,
-                                np.array([r["p99"] for r in table[cfg_]]), m, cfg_, mono_macs)
+        if m.stopping.rule == "router":
+            pt = ev.router_operating_point(rule, probs, y, m, table, mono_macs)
+        else:
+            exits = ev.simulate_exits(rule, probs[cfg_], p50) if rule is not None \
+                else np.full(len(y), S - 1)
+            cum = np.array([r["mean"] for r in table[cfg_]])
+            pt = ev.operating_point(probs[cfg_], y, exits, cum,
+                                    np.array([r["p99"] for r in table[cfg_]]), m, cfg_, mono_macs)
         pt["full_depth_latency_ms"] = float(table["F" * S][-1]["mean"])
         pt["speedup_vs_full_depth"] = pt["full_depth_latency_ms"] / max(pt["mean_latency_ms"], 1e-12)
         pt["cumulative_ms"] = {c: [r["mean"] for r in rows] for c, rows in table.items()}

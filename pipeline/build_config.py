@@ -113,13 +113,15 @@ class ProfileSection:
 @dataclass
 class CalibrateSection:
     """Stopping-rule calibration on the validation split (export.calibration.calibrate)."""
-    rule: str = "max_prob"            # max_prob | entropy | patience | lookahead | full
+    rule: str = "router"              # router (joint routing) | max_prob | entropy | patience |
+                                      # lookahead | full
     max_drop: float = 0.5             # accuracy points vs full depth
     mean_budget_ms: Optional[float] = None  # target mean latency instead of max_drop
     risk_delta: Optional[float] = None      # risk-controlled fit (P(drop <= max_drop) >= 1-delta)
     skip_config: str = "auto"         # "auto": the fastest configuration that meets the target;
                                       # "full" (FF..F); or one, e.g. "FTF"
     limit: int = 0                    # validation images (0: all)
+    epsilon: float = 0.01             # target deadline miss rate of the router's budgets
 
     def validate(self, v: Optional[Validator] = None, p: str = "calibrate") -> None:
         from runtime.rules import RULES
@@ -134,6 +136,7 @@ class CalibrateSection:
                 f"{p}.skip_config", "expected \"full\", \"auto\" or a string of F/T per stage, "
                 f"got {self.skip_config!r}")
         v.int_(self.limit, f"{p}.limit", lo=0)
+        v.num(self.epsilon, f"{p}.epsilon", lo=0, lo_open=True, hi=0.5)
 
 
 @dataclass

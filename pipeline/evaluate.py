@@ -6,7 +6,10 @@ Two kinds of numbers, always labelled:
 * **measured** end to end at batch 1 (:func:`measure_headline`): each test image goes through
   ``AdaptiveModel.predict`` (preprocessing, segments, stopping rule, deadline) and through the
   monolithic session, the variants taking turns image by image (interleaved, so background load
-  on a shared machine hits them alike), with the same ONNX Runtime session options;
+  on a shared machine hits them alike), with the same ONNX Runtime session options; and the
+  budget sweep (:func:`budget_sweep`, :func:`measure_budget_sweep`): ``predict(img,
+  budget_ms=B)`` for budgets from the first-exit p50 to the full-depth p99, interleaved the same
+  way (random order per image) with the monolithic session;
 * **simulated** (:func:`rule_curves`, :func:`budget_points`, :func:`static_points`): per-exit
   probabilities are computed once per skip configuration (:func:`config_probabilities`), the
   rules decide over them (``rule.stop_matrix``, exactly as the runtime decides sample by
@@ -32,7 +35,9 @@ Progress = Optional[Callable[[str], None]]
 
 __all__ = ["config_probabilities", "export_monolithic", "MonolithicSession", "latency_stats",
            "static_points", "rule_curves", "budget_points", "default_budgets", "measure_headline",
-           "macs_fraction", "simulate_exits", "operating_point"]
+           "macs_fraction", "simulate_exits", "operating_point", "CDF_PERCENTILES",
+           "latency_cdf", "sweep_budgets", "measure_budget_sweep", "best_static_fits",
+           "budget_sweep", "SWEEP_DEFAULT_LIMIT"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +225,22 @@ class MonolithicSession:
 # numbers
 # ---------------------------------------------------------------------------------------------
 
+#: the percentiles at which :func:`latency_cdf` keeps a latency distribution: every 0.5 % and a
+#: denser tail (99.6 ... 99.99), 207 numbers per variant instead of one per call
+CDF_PERCENTILES: tuple[float, ...] = tuple(sorted(
+    {round(0.5 * i, 2) for i in range(201)} | {99.6, 99.7, 99.8, 99.9, 99.95, 99.99}))
+
+
+def latency_cdf(ms: Sequence[float]) -> list[float]:
+    """The measured per-call times at :data:`CDF_PERCENTILES` (ms, rounded to 1 us): the
+    empirical CDF of a variant, compact enough for results.json (``percentiles[i]`` % of the
+    calls took at most ``cdf[i]`` ms; linear interpolation between order statistics)."""
+    a = np.asarray(ms, dtype=np.float64)
+    if a.size == 0:
+        return []
+    return [round(float(v), 3) for v in np.percentile(a, CDF_PERCENTILES)]
+
+
 def latency_stats(ms: Sequence[float]) -> dict[str, float]:
     a = np.asarray(ms, dtype=np.float64)
     if a.size == 0:
@@ -252,6 +273,32 @@ def simulate_exits(rule, probs: np.ndarray, segment_ms: Sequence[float]) -> np.n
     from runtime.rules import StopContext
 
     return first_exit_where(rule.stop_matrix(probs, StopContext(segment_ms=list(segment_ms))))
+
+
+def router_operating_point(rule, probs_by_cfg: dict[str, np.ndarray], y: np.ndarray, manifest,
+                           table: dict, mono_macs: int) -> dict[str, Any]:
+    """The router's default policy simulated on ``probs_by_cfg`` (export/routing_fit.py) with
+    span costs from ``table`` (cumulative mean per config and exit): accuracy, mean latency,
+    exits, paths and MACs fraction, as :func:`operating_point` reports them."""
+    from export.routing_fit import RoutingData, simulate
+
+    S = manifest.stages
+    cum = {c: _cum(table, c, "mean") for c in table}
+
+    def cost(first: int, last: int, variant: str) -> float:
+        cfg = "F" * first + variant + "F" * (S - 1 - last)
+        return float(cum[cfg][last] - (cum[cfg][first - 1] if first else 0.0))
+
+    data = RoutingData(probs_by_cfg, y)
+    out = simulate(rule.default_policy, data, cost, np.arange(len(y)))
+    cfgs = [p + "F" * (S - len(p)) for p in out.path]
+    return {"skip_config": "router", "accuracy": out.accuracy,
+            "mean_latency_ms": out.mean_latency_ms,
+            "p99_latency_ms": float(np.percentile(out.latency_ms, 99)),
+            "mean_depth": float(out.exit.mean() + 1),
+            "exit_histogram": np.bincount(out.exit, minlength=S).tolist(),
+            "macs_fraction": macs_fraction(manifest, cfgs, out.exit, mono_macs),
+            "paths": {p: int((out.path == p).sum()) for p in sorted(set(out.path))}}
 
 
 def operating_point(probs: np.ndarray, y: np.ndarray, exits: np.ndarray, cum_mean: np.ndarray,
@@ -443,7 +490,10 @@ def measure_headline(model, mono: MonolithicSession, x: np.ndarray, y: np.ndarra
             next_report += 0.25
     S = model.stages
     out: dict[str, Any] = {"n": n, "batch": 1, "interleaved": True, "warmup_calls": min(warmup, n),
-                           "seconds": time.perf_counter() - t_start, "variants": {}}
+                           "seconds": time.perf_counter() - t_start, "variants": {},
+                           "cdf": {"percentiles": list(CDF_PERCENTILES),
+                                   "ms": {name: latency_cdf(times[v])
+                                          for v, (name, _fn) in enumerate(variants)}}}
     for v, (name, _fn) in enumerate(variants):
         correct = classes[v] == y
         d: dict[str, Any] = {"accuracy": float(correct.mean()), **latency_stats(times[v])}
@@ -465,3 +515,166 @@ def measure_headline(model, mono: MonolithicSession, x: np.ndarray, y: np.ndarra
             d["over_budget"] = int((times[v] > budget_ms).sum())
         out["variants"][name] = d
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# budget sweep, measured end to end at batch 1
+# ---------------------------------------------------------------------------------------------
+
+#: test images of the measured budget sweep when ``[evaluate].measure_limit`` is 0
+SWEEP_DEFAULT_LIMIT = 2000
+
+
+def sweep_budgets(table: dict, count: int = 8) -> list[float]:
+    """``count`` budgets spaced **geometrically** (equal ratios) from the first-exit p50 (the
+    fastest configuration's exit 0: the least any call can cost) to the full-depth p99 (FF..F,
+    last exit), both ends included, rounded to 4 significant digits.
+
+    ``table``: ``runtime.latency.cumulative_table`` of the bundle that runs here (p50 and p99
+    per configuration per exit)."""
+    if count < 2:
+        raise ValueError("a budget sweep needs at least 2 budgets")
+    S = max(len(c) for c in table)
+    lo = min(float(rows[0]["p50"]) for rows in table.values())
+    hi = float(table["F" * S][-1]["p99"])
+    if not (lo > 0 and math.isfinite(lo)):
+        raise ValueError(f"first-exit p50 {lo!r} ms: no budget sweep possible")
+    if not hi > lo:
+        hi = 2.0 * lo
+    out = [float(f"{lo * (hi / lo) ** (i / (count - 1)):.4g}") for i in range(count)]
+    return sorted(set(out))
+
+
+def measure_budget_sweep(model, x: np.ndarray, y: np.ndarray, budgets: Sequence[float], *,
+                         warmup: int = 20, progress: Progress = None, seed: int = 0,
+                         mono: Optional[MonolithicSession] = None) -> list[dict[str, Any]]:
+    """``model.predict(img, budget_ms=B)`` for every budget B, MEASURED end to end at batch 1.
+
+    Every image goes through every budget (and through the monolithic session ``mono`` when
+    given) before the next image, in a random order per image (``numpy`` generator seeded with
+    ``seed``), so that background load on a shared machine hits every budget alike. The time of
+    a call is wall time around it (``time.perf_counter_ns``).
+
+    One dict per budget, in increasing budget order: ``budget_ms``, ``n``, ``accuracy``,
+    ``miss_rate`` (fraction of calls whose measured wall time exceeded B), ``misses``,
+    ``deadline_flagged`` (calls the runtime itself flagged ``deadline_missed``),
+    ``mean_ms``/``p50_ms``/``p90_ms``/``p95_ms``/``p99_ms``/``max_ms``, ``mean_depth``,
+    ``exit_histogram``, ``skip_configs`` (configuration -> calls); with ``mono`` also
+    ``monolithic_accuracy``, ``monolithic_mean_ms``, ``monolithic_p99_ms`` (the same for every
+    row: one interleaved run) and ``latency_ratio_vs_monolithic`` (mean / monolithic mean).
+    """
+    budgets = sorted(float(b) for b in budgets)
+    if not budgets:
+        raise ValueError("no budgets to measure")
+    n = len(y)
+    if n == 0:
+        raise ValueError("no images to measure")
+    calls: list[Callable[[np.ndarray], Any]] = [
+        (lambda img, b=b: model.predict(img, budget_ms=b)) for b in budgets]
+    if mono is not None:
+        calls.append(mono.predict)
+    V = len(calls)
+    for fn in calls:  # warm-up
+        for i in range(min(warmup, n)):
+            fn(x[i])
+    times = np.zeros((V, n), dtype=np.float64)
+    classes = np.zeros((V, n), dtype=np.int64)
+    exits = np.zeros((V, n), dtype=np.int64)
+    flagged = np.zeros((V, n), dtype=bool)
+    cfgs: list[list[str]] = [[""] * n for _ in range(V)]
+    rng = np.random.default_rng(seed)
+    clock = time.perf_counter_ns
+    t_start = time.perf_counter()
+    next_report = 0.25
+    for i in range(n):
+        img = x[i]
+        for v in rng.permutation(V):
+            t0 = clock()
+            r = calls[v](img)
+            t1 = clock()
+            times[v, i] = (t1 - t0) * 1e-6
+            if isinstance(r, (int, np.integer)):
+                classes[v, i] = int(r)
+            else:
+                classes[v, i] = r.class_id
+                exits[v, i] = r.exit_index
+                flagged[v, i] = r.deadline_missed
+                cfgs[v][i] = r.skip_config
+        if progress and (i + 1) / n >= next_report:
+            progress(f"  budget sweep: {i + 1}/{n} images x {V} variants "
+                     f"[{time.perf_counter() - t_start:.1f} s]")
+            next_report += 0.25
+    S = model.stages
+    mono_row: dict[str, Any] = {}
+    if mono is not None:
+        mono_row = {"monolithic_accuracy": float((classes[-1] == y).mean()),
+                    "monolithic_mean_ms": float(times[-1].mean()),
+                    "monolithic_p99_ms": float(np.percentile(times[-1], 99))}
+    out = []
+    for v, b in enumerate(budgets):
+        used: dict[str, int] = {}
+        for c in cfgs[v]:
+            used[c] = used.get(c, 0) + 1
+        over = times[v] > b
+        row: dict[str, Any] = {
+            "budget_ms": b, "n": n, "accuracy": float((classes[v] == y).mean()),
+            "miss_rate": float(over.mean()), "misses": int(over.sum()),
+            "deadline_flagged": int(flagged[v].sum()), **latency_stats(times[v]),
+            "mean_depth": float(exits[v].mean() + 1),
+            "exit_histogram": np.bincount(exits[v], minlength=S).tolist(),
+            "skip_configs": used, **mono_row}
+        if mono_row:
+            row["latency_ratio_vs_monolithic"] = (row["mean_ms"] / mono_row["monolithic_mean_ms"]
+                                                  if mono_row["monolithic_mean_ms"] > 0 else None)
+        out.append(row)
+    return out
+
+
+def best_static_fits(static: Sequence[dict], budget_ms: float, *,
+                     stat: str = "p99_latency_ms") -> Optional[dict[str, Any]]:
+    """The most accurate static sub-network (a :func:`static_points` entry: configuration
+    prefix + exit) whose ``stat`` latency fits ``budget_ms``; the faster one on ties; None when
+    none fits."""
+    fits = [p for p in static if float(p[stat]) <= budget_ms]
+    if not fits:
+        return None
+    return max(fits, key=lambda p: (p["accuracy"], -float(p[stat])))
+
+
+STATIC_LATENCY_NOTE = ("the static sub-network's p99 is the latency table's cumulative p99 to its "
+                       "exit (MEASURED on this host by the profiler, segments only: no "
+                       "preprocessing and no predict() around them, which flatters the static "
+                       "sub-networks)")
+
+
+def budget_sweep(model, x: np.ndarray, y: np.ndarray, table: dict, static: Sequence[dict], *,
+                 count: int = 8, mono: Optional[MonolithicSession] = None, warmup: int = 20,
+                 seed: int = 0, progress: Progress = None) -> dict[str, Any]:
+    """The evaluate stage's measured budget sweep: :func:`sweep_budgets` of ``table``,
+    :func:`measure_budget_sweep` on ``x``/``y`` (interleaved with ``mono``), and for every
+    budget the best static sub-network that fits it (:func:`best_static_fits` on the table's
+    cumulative p99, see :data:`STATIC_LATENCY_NOTE`)."""
+    budgets = sweep_budgets(table, count)
+    if progress:
+        progress(f"budget sweep at batch 1, interleaved (random order per image, seed {seed}): "
+                 f"{len(budgets)} budgets {', '.join(f'{b:g}' for b in budgets)} ms"
+                 + (" + the monolithic session" if mono is not None else "")
+                 + f"; {len(y)} images")
+    t0 = time.perf_counter()
+    rows = measure_budget_sweep(model, x, y, budgets, warmup=warmup, progress=progress,
+                                seed=seed, mono=mono)
+    for row in rows:
+        best = best_static_fits(static, row["budget_ms"])
+        row["best_static"] = None if best is None else {
+            k: best[k] for k in ("prefix", "skip_config", "exit", "accuracy", "mean_latency_ms",
+                                 "p99_latency_ms")}
+    S = max(len(c) for c in table)
+    return {"kind": "measured", "batch": 1, "interleaved": True, "order": "random per image",
+            "seed": seed, "n": int(len(y)), "spacing": "geometric",
+            "from": {"what": "first-exit p50 of the fastest configuration",
+                     "ms": min(float(r[0]["p50"]) for r in table.values())},
+            "to": {"what": f"full-depth p99 of {'F' * S} (last exit)",
+                   "ms": float(table["F" * S][-1]["p99"])},
+            "budgets_ms": budgets, "with_monolithic": mono is not None,
+            "warmup_calls": min(warmup, len(y)), "seconds": time.perf_counter() - t0,
+            "static_latency": STATIC_LATENCY_NOTE, "points": rows}

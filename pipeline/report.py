@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 __all__ = ["REPORT_SCHEMA", "summarize", "acceptance_checks", "finish_on_device",
-           "render_markdown", "write_report", "summary_lines"]
+           "render_markdown", "write_report", "summary_lines", "sweep_verdicts",
+           "SWEEP_MAX_MISS_RATE", "SWEEP_STATIC_MARGIN_POINTS"]
 
 REPORT_SCHEMA = 1
+
+#: budget sweep targets per budget (``[acceptance]`` may override them with
+#: ``sweep_max_miss_rate`` / ``sweep_static_margin_points`` where its section has them)
+SWEEP_MAX_MISS_RATE = 0.01
+SWEEP_STATIC_MARGIN_POINTS = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +117,68 @@ def acceptance_checks(results: dict[str, Any], acceptance: dict[str, Any]) -> li
                        f"{s['n_measured']} over the budget; accuracy {100 * bud['accuracy']:.2f}%"
                        if val is not None else "percentile not available"),
             "scope": scope})
+    sweep = results.get("budget_sweep")
+    if sweep and sweep.get("points"):
+        checks.append(_sweep_check(sweep, acceptance, data))
     return checks
+
+
+def sweep_verdicts(sweep: dict[str, Any], acceptance: Optional[dict[str, Any]] = None
+                   ) -> list[dict[str, Any]]:
+    """Per budget of the measured sweep: ``miss_ok`` (measured miss rate <= 1 %), ``accuracy_ok``
+    (accuracy >= the best static sub-network that fits the budget - 0.3 points), ``passed``
+    (both), or ``feasible`` False (``passed`` None) where no static sub-network fits the budget
+    (below the fastest exit's p99: no deployment meets the miss target there)."""
+    acceptance = acceptance or {}
+    max_miss = float(acceptance.get("sweep_max_miss_rate", SWEEP_MAX_MISS_RATE))
+    margin = float(acceptance.get("sweep_static_margin_points", SWEEP_STATIC_MARGIN_POINTS))
+    out = []
+    for p in sweep.get("points") or []:
+        best = p.get("best_static")
+        miss_ok = p["miss_rate"] <= max_miss + 1e-12
+        v: dict[str, Any] = {"budget_ms": p["budget_ms"], "miss_ok": bool(miss_ok),
+                             "max_miss_rate": max_miss, "margin_points": margin,
+                             "feasible": best is not None}
+        if best is None:
+            v.update(accuracy_ok=None, passed=None)
+        else:
+            gap = 100.0 * (p["accuracy"] - best["accuracy"])
+            acc_ok = gap >= -margin - 1e-9
+            v.update(accuracy_ok=bool(acc_ok), points_vs_static=gap,
+                     passed=bool(miss_ok and acc_ok))
+        out.append(v)
+    return out
+
+
+def _sweep_check(sweep: dict[str, Any], acceptance: dict[str, Any], data: dict) -> dict[str, Any]:
+    verdicts = sweep_verdicts(sweep, acceptance)
+    feasible = [v for v in verdicts if v["feasible"]]
+    failed = [v for v in feasible if not v["passed"]]
+    max_miss = verdicts[0]["max_miss_rate"]
+    margin = verdicts[0]["margin_points"]
+    n_inf = len(verdicts) - len(feasible)
+    detail = (f"{len(feasible) - len(failed)} of {len(feasible)} budgets pass"
+              + (" (failing: " + ", ".join(
+                  f"{v['budget_ms']:g} ms [" + ", ".join(
+                      (["miss rate"] if not v["miss_ok"] else [])
+                      + (["accuracy"] if not v["accuracy_ok"] else [])) + "]"
+                  for v in failed) + ")" if failed else "")
+              + (f"; {n_inf} budget(s) below every static sub-network's p99 not counted"
+                 if n_inf else "")
+              + f"; budgets {sweep['spacing']} from {sweep['from']['ms']:.3g} to "
+              f"{sweep['to']['ms']:.3g} ms")
+    return {
+        "name": "budget_sweep",
+        "target": (f"at each budget of the sweep that some static sub-network fits (p99), "
+                   f"miss rate <= {100 * max_miss:g}% and accuracy >= the best static sub-network "
+                   f"that fits - {margin:g} points"),
+        "passed": bool(feasible) and not failed,
+        "value": {"budgets": verdicts},
+        "detail": detail,
+        "scope": (f"{data.get('name')} test set, first {sweep['n']} images, MEASURED on this host "
+                  "at batch 1 in one interleaved run"
+                  + ("" if sweep["n"] == data.get("n") and not data.get("limited")
+                     else " (a subset: indicative only)"))}
 
 
 def finish_on_device(root: Path, device: str, model_name: str, backends: list[str],
@@ -276,6 +343,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     L.append("")
     L.append("![trade-off](plots/tradeoff.png)")
     L.append("")
+    if "plots/pareto.png" in r.get("plots", []):
+        L.append("![Pareto frontier](plots/pareto.png)")
+        L.append("")
+    if "plots/cdf.png" in r.get("plots", []):
+        L.append("![latency CDF](plots/cdf.png)")
+        L.append("")
+    L += _sweep_markdown(r)
     L.append("## Trade-off curves (SIMULATED over measured segment costs)")
     L.append("")
     cal_cfg = (res.get("calibration") or {}).get("skip_config")
@@ -323,7 +397,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         L.append(f"- {role} bundle: `{rec['rule']}` on `{rec['skip_config']}`, validation accuracy "
                  f"{_pct(rec['val_accuracy'])} (full depth {_pct(rec['full_depth_accuracy'])}), "
                  f"mean depth {rec['mean_exit']:.2f}, costs "
-                 f"{[round(c, 4) for c in rec['segment_ms']]} ms ({rec['cost_source']}).")
+                 + (f"{[round(c, 4) for c in rec['segment_ms']]} ms "
+                    if rec.get("segment_ms") is not None else "")  # None: a rule without them
+                 + f"({rec['cost_source']}).")
     L.append("")
     for role, rec in (cal.get("bundles") or {}).items():
         if not rec.get("search"):
@@ -355,6 +431,51 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{r['paths']['build_toml']}`.")
     L.append("")
     return "\n".join(L)
+
+
+def _sweep_markdown(r: dict[str, Any]) -> list[str]:
+    sweep = r["results"].get("budget_sweep")
+    if not sweep or not sweep.get("points"):
+        return []
+    verdicts = sweep_verdicts(sweep, (r.get("config") or {}).get("acceptance"))
+    L = ["## Budget sweep (MEASURED end to end on this host, batch 1, one interleaved run)", ""]
+    L.append(f"`model.predict(img, budget_ms=B)` for {len(sweep['points'])} budgets "
+             f"({sweep['spacing']} spacing) from the {sweep['from']['what']} "
+             f"({sweep['from']['ms']:.3g} ms) to the {sweep['to']['what']} "
+             f"({sweep['to']['ms']:.3g} ms) of this host's latency table, on the first "
+             f"{sweep['n']} test images: every image through every budget"
+             + (" and the monolithic session" if sweep.get("with_monolithic") else "")
+             + f" in a random order per image ({sweep['seconds']:.1f} s). Miss rate = calls whose "
+             "measured wall time exceeded B. Best static = the most accurate static sub-network "
+             f"(configuration prefix, exit) whose p99 fits B; {sweep['static_latency']}.")
+    L.append("")
+    p0 = sweep["points"][0]
+    if "monolithic_mean_ms" in p0:
+        L.append(f"Monolithic session in the same run: accuracy {_pct(p0['monolithic_accuracy'])}, "
+                 f"mean {_ms(p0['monolithic_mean_ms'])} ms, p99 {_ms(p0['monolithic_p99_ms'])} ms.")
+        L.append("")
+    rows = []
+    for p, v in zip(sweep["points"], verdicts):
+        best = p.get("best_static")
+        verdict = ("n/a (nothing static fits)" if v["passed"] is None else
+                   "PASS" if v["passed"] else
+                   "FAIL (" + ", ".join((["miss"] if not v["miss_ok"] else [])
+                                            + (["accuracy"] if not v["accuracy_ok"] else [])) + ")")
+        rows.append([f"{p['budget_ms']:g}", _pct(p["accuracy"]),
+                     f"{100 * p['miss_rate']:.2f}% ({p['misses']}/{p['n']})", _ms(p["mean_ms"]),
+                     _ms(p["p99_ms"]), f"{p['mean_depth']:.2f}",
+                     "-" if best is None else
+                     f"{best['prefix']} (exit {best['exit']}, p99 {_ms(best['p99_latency_ms'])})",
+                     "-" if best is None else _pct(best["accuracy"]), verdict])
+    L += _table(["budget ms", "accuracy", "miss rate", "mean ms", "p99 ms", "mean depth",
+                 "best static that fits", "its accuracy",
+                 f"miss <= {100 * verdicts[0]['max_miss_rate']:g}%, accuracy >= static - "
+                 f"{verdicts[0]['margin_points']:g}"], rows)
+    L.append("")
+    if "plots/budget-sweep.png" in r.get("plots", []):
+        L.append("![budget sweep](plots/budget-sweep.png)")
+        L.append("")
+    return L
 
 
 def _target_text(target: dict) -> str:
@@ -402,7 +523,8 @@ def write_report(root: Path, *, results: dict[str, Any], cfg, profile, is_host: 
     from runtime.bundle import Bundle
     from runtime.manifest import utc_now_iso
 
-    from pipeline.report_plots import plot_exit_histogram, plot_tradeoff
+    from pipeline.report_plots import (plot_budget_sweep, plot_exit_histogram, plot_latency_cdf,
+                                       plot_pareto, plot_tradeoff)
 
     root = Path(root)
     bundle = Bundle.open(root / "bundle", verify=False).manifest
@@ -420,6 +542,15 @@ def write_report(root: Path, *, results: dict[str, Any], cfg, profile, is_host: 
         plots.append("plots/tradeoff.png")
         plot_exit_histogram(results, tmp / "exits.png", title=f"{title}: exit histogram")
         plots.append("plots/exits.png")
+        if results.get("static") and ((results.get("measured") or {}).get("variants") or {}):
+            plot_pareto(results, tmp / "pareto.png", title=f"{title}: Pareto frontier")
+            plots.append("plots/pareto.png")
+        if (results.get("budget_sweep") or {}).get("points"):
+            plot_budget_sweep(results, tmp / "budget-sweep.png", title=f"{title}: budget sweep")
+            plots.append("plots/budget-sweep.png")
+        if (results.get("measured") or {}).get("cdf"):
+            plot_latency_cdf(results, tmp / "cdf.png", title=f"{title}: latency CDF")
+            plots.append("plots/cdf.png")
         plot_latency(host_m, tmp / "latency-host.png",
                      title=f"{bundle.model.name}: cumulative latency per exit, MEASURED on this host")
         plots.append("plots/latency-host.png")

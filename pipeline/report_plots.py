@@ -6,6 +6,13 @@
   points. One can see whether the adaptive curves dominate the static sub-networks.
 * :func:`plot_exit_histogram` - where the samples leave: measured runs (adaptive, budget) and,
   for a device not at hand, the shipped rule on the device's (estimated) costs.
+* :func:`plot_pareto` - accuracy against mean latency: every static sub-network (and their Pareto
+  frontier), the MEASURED adaptive operating points (calibrated rule, budgets of the sweep), full
+  depth and the monolithic session, with the gain at equal accuracy written on it.
+* :func:`plot_budget_sweep` - the MEASURED budget sweep: accuracy and deadline-miss rate against
+  the budget, with the best static sub-network that fits each budget and the 1 % miss line.
+* :func:`plot_latency_cdf` - the CDF (and its tail) of the per-call times of every measured
+  variant, with the budget marked.
 * the latency per exit comes from :func:`devices.plots.plot_latency`.
 """
 from __future__ import annotations
@@ -15,10 +22,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_tradeoff", "plot_exit_histogram", "RULE_STYLES"]
+__all__ = ["plot_tradeoff", "plot_exit_histogram", "plot_pareto", "plot_budget_sweep",
+           "plot_latency_cdf", "static_frontier", "RULE_STYLES", "VARIANT_STYLES"]
 
 RULE_STYLES = {"max_prob": ("tab:blue", "o"), "entropy": ("tab:orange", "s"),
                "patience": ("tab:green", "^"), "lookahead": ("tab:red", "v")}
+
+
+#: colour and label of each measured variant (monolithic, full_depth, adaptive, budget)
+VARIANT_STYLES = {"monolithic": ("k", "monolithic ONNX Runtime session"),
+                  "full_depth": ("tab:blue", "segmented runtime, full depth"),
+                  "adaptive": ("tab:red", "adaptive (calibrated rule)"),
+                  "budget": ("tab:brown", "adaptive + budget")}
 
 
 def _save(fig, path: os.PathLike | str) -> Path:
@@ -167,5 +182,180 @@ def plot_exit_histogram(results: dict[str, Any], path: os.PathLike | str, *,
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title or "exit histogram", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def static_frontier(static: list[dict[str, Any]], xkey: str = "mean_latency_ms") -> list[dict]:
+    """The static sub-networks no other one beats (faster and at least as accurate), by ``xkey``."""
+    out: list[dict] = []
+    best = -1.0
+    for p in sorted(static, key=lambda p: (p[xkey], -p["accuracy"])):
+        if p["accuracy"] > best:
+            out.append(p)
+            best = p["accuracy"]
+    return out
+
+
+def plot_pareto(results: dict[str, Any], path: os.PathLike | str, *, title: str = "") -> Path:
+    """Accuracy (%) vs mean latency (ms, batch 1): static sub-networks and their frontier, the
+    MEASURED adaptive operating points, full depth and the monolithic session. The text box gives
+    the gain at equal accuracy: adaptive mean / monolithic mean (the monolithic session is at
+    least as accurate as the adaptive point when its accuracy is), and adaptive mean / the
+    fastest static sub-network at least as accurate as the adaptive point."""
+    meas = (results.get("measured") or {}).get("variants") or {}
+    static = results.get("static") or []
+    if not static and not meas:
+        raise ValueError("nothing to plot: no static sub-networks and no measured variants")
+    fig = _figure(9.5, 6.4)
+    ax = fig.add_subplot(1, 1, 1)
+    if static:
+        ax.scatter([p["mean_latency_ms"] for p in static], [100 * p["accuracy"] for p in static],
+                   s=24, c="0.6", zorder=2,
+                   label="static sub-network (config prefix, exit): latency-table mean")
+        for p in static:
+            ax.annotate(p["prefix"], (p["mean_latency_ms"], 100 * p["accuracy"]), fontsize=6,
+                        color="0.4", xytext=(3, -3), textcoords="offset points")
+        front = static_frontier(static)
+        ax.plot([p["mean_latency_ms"] for p in front], [100 * p["accuracy"] for p in front],
+                drawstyle="steps-post", color="0.45", lw=1.0, ls="--", zorder=2,
+                label="static Pareto frontier")
+    sweep = (results.get("budget_sweep") or {}).get("points") or []
+    if sweep:
+        pts = sorted(sweep, key=lambda p: p["budget_ms"])
+        ax.plot([p["mean_ms"] for p in pts], [100 * p["accuracy"] for p in pts], ls=":",
+                marker="D", ms=4, color="tab:brown", zorder=3,
+                label="MEASURED adaptive + budget (sweep, one point per budget)")
+    for name, marker, size in (("adaptive", "*", 220), ("budget", "*", 140),
+                               ("full_depth", "P", 100), ("monolithic", "X", 100)):
+        v = meas.get(name)
+        if not v:
+            continue
+        color, label = VARIANT_STYLES[name]
+        if name == "budget":
+            label += f" {v.get('budget_ms', 0):g} ms"
+        ax.scatter([v["mean_ms"]], [100 * v["accuracy"]], marker=marker, s=size, c=color,
+                   edgecolors="k", linewidths=0.6, zorder=5, label=f"MEASURED {label}")
+    ad, mono = meas.get("adaptive"), meas.get("monolithic")
+    lines = []
+    if ad and mono and mono.get("mean_ms"):
+        ratio = ad["mean_ms"] / mono["mean_ms"]
+        lines.append(f"adaptive {ad['mean_ms']:.3f} ms / monolithic {mono['mean_ms']:.3f} ms = "
+                     f"{ratio:.2f}x latency ({1 / ratio:.2f}x speed-up) at "
+                     f"{100 * ad['accuracy']:.2f}% vs {100 * mono['accuracy']:.2f}% accuracy")
+        y0 = 100 * ad["accuracy"]
+        ax.annotate("", xy=(ad["mean_ms"], y0), xytext=(mono["mean_ms"], y0),
+                    arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 1.0}, zorder=4)
+    if ad and static:
+        ok = [p for p in static if p["accuracy"] >= ad["accuracy"]]
+        if ok:
+            best = min(ok, key=lambda p: p["mean_latency_ms"])
+            lines.append(f"fastest static at >= that accuracy: {best['prefix']} (exit "
+                         f"{best['exit']}) {best['mean_latency_ms']:.3f} ms: adaptive = "
+                         f"{ad['mean_ms'] / best['mean_latency_ms']:.2f}x of it")
+        else:
+            lines.append("no static sub-network is as accurate as the adaptive point")
+    if lines:
+        ax.text(0.99, 0.02, "gain at equal accuracy (x-ratio):\n" + "\n".join(lines),
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9}, zorder=6)
+    ax.set_xlabel("mean latency per image, batch 1 (ms, this host; static: latency table, "
+                  "segments only)", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title or "Pareto frontier: accuracy vs latency", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_budget_sweep(results: dict[str, Any], path: os.PathLike | str, *, title: str = "",
+                      max_miss_rate: float = 0.01) -> Path:
+    """Two panels against the budget (log scale): accuracy (MEASURED, with the best static
+    sub-network that fits each budget as a step line) and the deadline-miss rate (with the
+    ``max_miss_rate`` line)."""
+    sweep = results.get("budget_sweep") or {}
+    pts = sorted(sweep.get("points") or [], key=lambda p: p["budget_ms"])
+    if not pts:
+        raise ValueError("no budget sweep to plot")
+    b = [p["budget_ms"] for p in pts]
+    fig = _figure(12.0, 5.0)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.plot(b, [100 * p["accuracy"] for p in pts], marker="o", color="tab:brown",
+             label="MEASURED predict(img, budget_ms=B)")
+    stat = [100 * p["best_static"]["accuracy"] if p.get("best_static") else float("nan")
+            for p in pts]
+    ax1.plot(b, stat, drawstyle="steps-post", color="0.4", ls="--",
+             label="best static sub-network whose p99 fits B")
+    for p in pts:
+        if p.get("best_static"):
+            ax1.annotate(p["best_static"]["prefix"], (p["budget_ms"],
+                                                      100 * p["best_static"]["accuracy"]),
+                         fontsize=6, color="0.4", xytext=(2, 3), textcoords="offset points")
+    if "monolithic_accuracy" in pts[0]:
+        ax1.axhline(100 * pts[0]["monolithic_accuracy"], color="k", lw=0.8, ls=":",
+                    label="monolithic session accuracy")
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_title("accuracy vs budget", fontsize=9)
+    ax2.plot(b, [100 * p["miss_rate"] for p in pts], marker="o", color="tab:red",
+             label="MEASURED miss rate (wall time > B)")
+    ax2.axhline(100 * max_miss_rate, color="k", lw=0.9, ls="--",
+                label=f"{100 * max_miss_rate:g}% miss line")
+    ax2.set_yscale("symlog", linthresh=0.1)
+    ax2.set_ylim(0, 100)
+    ax2.set_ylabel("calls over the budget (%)")
+    ax2.set_title("deadline-miss rate vs budget", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("budget B (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle((title or "budget sweep") + f" - {sweep.get('n')} test images, batch 1, "
+                 "interleaved", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_latency_cdf(results: dict[str, Any], path: os.PathLike | str, *,
+                     title: str = "") -> Path:
+    """The CDF of the per-call times of every measured variant (left) and its tail,
+    P(time > t) on a log scale (right), with the headline budget as a vertical line."""
+    meas = results.get("measured") or {}
+    cdf = meas.get("cdf") or {}
+    q = cdf.get("percentiles") or []
+    series = [(name, cdf["ms"][name]) for name in VARIANT_STYLES if (cdf.get("ms") or {}).get(name)]
+    series += [(name, v) for name, v in (cdf.get("ms") or {}).items()
+               if name not in VARIANT_STYLES and v]
+    if not q or not series:
+        raise ValueError("no latency CDF to plot (measured.cdf)")
+    budget = ((meas.get("variants") or {}).get("budget") or {}).get("budget_ms")
+    fig = _figure(12.0, 5.0)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    hi = 0.0
+    for name, ms in series:
+        color, label = VARIANT_STYLES.get(name, (None, name))
+        if name == "budget" and budget is not None:
+            label += f" {budget:g} ms"
+        ax1.plot(ms, [v / 100 for v in q], color=color, lw=1.3, label=label)
+        tail = [(t, 1 - v / 100) for t, v in zip(ms, q) if v < 100]
+        ax2.plot([t for t, _ in tail], [s for _, s in tail], color=color, lw=1.3, label=label)
+        hi = max(hi, ms[q.index(99.9)] if 99.9 in q else ms[-1])
+    for ax in (ax1, ax2):
+        if budget is not None:
+            ax.axvline(budget, color="tab:brown", lw=1.0, ls="--", label=f"budget {budget:g} ms")
+        ax.set_xlabel("wall time per call, batch 1 (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.set_xlim(0, 1.05 * max(hi, budget or 0.0))
+    ax1.set_ylabel("fraction of calls <= t")
+    ax1.set_title("CDF (to the p99.9)", fontsize=9)
+    ax2.set_yscale("log")
+    n = int(meas.get("n") or 0)
+    ax2.set_ylim(max(1e-4, 1.0 / n) if n else 1e-4, 1.0)  # below 1/n it is interpolation
+    ax2.axhline(0.01, color="0.5", lw=0.8, ls=":", label="1% of calls")
+    ax2.set_ylabel("fraction of calls > t")
+    ax2.set_title("tail (log scale)", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.suptitle((title or "latency CDF") + f" - MEASURED, {meas.get('n')} images per variant, "
+                 "interleaved", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

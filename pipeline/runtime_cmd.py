@@ -381,7 +381,8 @@ def _segment_costs(model, cfg: str, profile_runs: int) -> tuple[list[float], str
 @click.option("--mean-budget-ms", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Target mean latency instead of an accuracy drop.")
 @click.option("--rule", default="max_prob", show_default=True,
-              help="Rule to fit: max_prob, entropy, patience, lookahead or full.")
+              help="Rule to fit: max_prob, entropy, patience, lookahead, full, or router "
+                   "(joint routing of exit and sub-network; needs a latency table).")
 @click.option("--risk-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
               help="Risk-controlled calibration: the drop (or mean-latency) target holds with "
                    "probability >= 1 - DELTA (e.g. 0.1).")
@@ -466,6 +467,9 @@ def calibrate_cmd(bundle: Path, npz: Optional[Path], use_probabilities: bool,
         raise UsageError(f"{name}: no validation rows to calibrate on")
     skip_accuracy = {cfg: float((p[-1].argmax(axis=1) == y).mean())
                      for cfg, p in probs_by_cfg.items()}
+    if rule == "router":
+        return _calibrate_router_cmd(model, bundle, probs_by_cfg, y, skip_accuracy, full, name,
+                                     source, max_drop, mean_budget_ms, risk_delta, as_json)
     costs, cost_source = _segment_costs(model, full, profile_runs)
     kwargs: dict[str, Any] = {}
     if max_drop is not None:
@@ -525,3 +529,57 @@ def calibrate_cmd(bundle: Path, npz: Optional[Path], use_probabilities: bool,
     click.echo(f"wrote {b.root / MANIFEST_NAME} (stopping record; bundle verified)")
 
 
+def _calibrate_router_cmd(model, bundle: Path, probs_by_cfg: dict, y, skip_accuracy: dict,
+                          full: str, name: str, source: dict, max_drop: Optional[float],
+                          mean_budget_ms: Optional[float], risk_delta: Optional[float],
+                          as_json: bool) -> None:
+    """`pipeline calibrate --rule router`: fit the joint router with the bundle's latency
+    table and write its stopping record (merged pieces too where onnx is installed)."""
+    from pipeline.router_build import add_router_pieces, fit_bundle_router, router_annotation
+    from runtime.bundle import Bundle
+    from runtime.manifest import MANIFEST_NAME, save_manifest
+
+    if max_drop is None or mean_budget_ms is not None:
+        raise click.UsageError("--rule router fits an accuracy target: give --max-drop")
+    m = model.manifest
+    if not model.table:
+        raise UsageError(f"{bundle}: the router needs a latency table for "
+                         f"{model.latency_device or 'this device'}: run `pipeline profile` first")
+    device, backend = model.latency_device, model.table.backend
+    fit = fit_bundle_router(m, probs_by_cfg, y, device, backend, max_drop=max_drop,
+                            delta=risk_delta)
+    b = Bundle.open(bundle, verify=False)
+    new = b.manifest.copy()
+    new.stopping, ann = router_annotation(fit, skip_accuracy, full, data=name, n=len(y),
+                                          backend=model.backend, target=model.target,
+                                          device=device, table_backend=backend,
+                                          kind=m.latency_kind(device, backend, 1),
+                                          max_drop=max_drop, risk_delta=risk_delta,
+                                          extra={**source, "by": "pipeline calibrate"})
+    new.annotations = {**new.annotations, "calibration": ann}
+    save_manifest(new, b.root / MANIFEST_NAME)
+    try:
+        import onnx  # noqa: F401  (merged pieces are built with onnx: the build install)
+        merged = add_router_pieces(b.root, fit.rule)
+    except ImportError:
+        merged = []
+    Bundle.open(b.root, verify=True)
+    summary = {"bundle": str(b.root), "rule": "router", "exits_kept": fit.exits,
+               "val_accuracy": fit.val_accuracy, "mean_latency_ms": fit.mean_latency_ms,
+               "heldout_drop_points": fit.heldout_drop_points,
+               "drop_bound_points": fit.drop_bound_points, "full_depth_accuracy": fit.full_accuracy,
+               "exit_histogram": fit.exit_histogram, "merged_pieces": merged, "n": int(len(y)),
+               "data": name, **source}
+    if as_json:
+        click.echo(json.dumps(json_safe(summary), indent=2))
+        return
+    click.echo(f"calibrated router on {name} ({len(y)} images) with {model.backend} "
+               f"({model.target}), costs from the {backend} latency table of {device}")
+    click.echo(f"kept exits {fit.exits}; validation accuracy {fit.val_accuracy:.4f} (full depth "
+               f"{fit.full_accuracy:.4f}; held-out drop {fit.heldout_drop_points:.2f} points, "
+               f"bound {fit.drop_bound_points:.2f}); mean latency {fit.mean_latency_ms:.3f} ms")
+    click.echo(f"exits: {fit.exit_histogram}; {len(fit.rule.policies)} policies, "
+               f"{len(fit.rule.budgets)} budgets")
+    if merged:
+        click.echo(f"merged pieces: {', '.join(merged)}")
+    click.echo(f"wrote {b.root / MANIFEST_NAME} (stopping record; bundle verified)")

@@ -26,7 +26,7 @@ import numpy as np
 from .latency import STATS, GroupEntries, check_stat, find_groups, pick_target
 
 __all__ = ["Clock", "FakeClock", "Deadline", "LatencyTable", "OnlineLatency", "LatencyModel",
-           "check_budget", "stall_fence", "STATS"]
+           "check_budget", "stall_fence", "span_key", "STATS"]
 
 #: A clock returns seconds from an arbitrary origin, monotonic (like ``time.perf_counter``).
 Clock = Callable[[], float]
@@ -39,6 +39,16 @@ EPS_MS = 1e-6
 #: window: see :class:`OnlineLatency`.
 STALL_FACTOR = 4.0
 STALL_MIN_MS = 0.5
+
+
+#: Measurements of a span before its online quantile weighs as much as the table's (see
+#: :meth:`LatencyModel.span_quantile`).
+SPAN_PRIOR = 32.0
+
+
+def span_key(first: int, last: int, variant: str, batch: int) -> tuple:
+    """The online-statistics key of a span of stages run in one variant at one batch size."""
+    return ("span", first, last, variant, batch)
 
 
 def check_budget(budget_ms: object) -> Optional[float]:
@@ -336,12 +346,39 @@ class OnlineLatency:
                 return _quantile_sorted(s, q)
         return float(vals.mean())
 
+    def quantile(self, key: tuple, q: float) -> tuple[Optional[float], int]:
+        """(``q``-quantile of ``key``'s window with the stall handling of :meth:`stat`, number
+        of values); ``(None, 0)`` when nothing was recorded."""
+        with self._lock:
+            if self._pending:
+                self._apply_pending()
+            s = self._sorted.get(key)
+            if not s:
+                return None, 0
+            n = len(s)
+            fence = stall_fence(s)
+            kept = bisect_right(s, fence)
+            if n < self.min_samples:
+                return (fence if kept == n - 1 else s[-1]), n
+            if kept < n and n - kept <= max(1, int((1.0 - q) * n + 1e-9)):
+                return _quantile_sorted(s, q, kept, fence), n
+            return _quantile_sorted(s, q), n
+
     def clear(self) -> None:
         with self._lock:
             self._pending.clear()
             self._data.clear()
             self._sorted.clear()
             self._version += 1
+
+
+def _blend(table: Optional[float], online: float, n: int, prior: float) -> float:
+    """``w * online + (1 - w) * table`` with ``w = n / (n + prior)`` (online alone without a
+    table)."""
+    if table is None:
+        return online
+    w = n / (n + prior)
+    return w * online + (1.0 - w) * table
 
 
 #: Percentile statistics as fractions.
@@ -387,6 +424,7 @@ class LatencyModel:
         self._macs = {cfg: [sum(manifest.piece(pid).macs for pid in seg) for seg in segs]
                       for cfg, segs in manifest.execution.items()}
         self._ratio_cache: dict[tuple, tuple] = {}
+        self._span_table: dict[tuple, Optional[float]] = {}
 
     @property
     def source(self) -> str:
@@ -422,6 +460,8 @@ class LatencyModel:
         if hit is None or hit[0] != version:
             ratios = []
             for key in self.online.keys():
+                if len(key) != 3:  # spans of the router: not a (config, segment, batch) key
+                    continue
                 c2, k2, n2 = key
                 macs = self._macs[c2][k2] if c2 in self._macs and k2 < len(self._macs[c2]) else 0
                 if n2 == n and macs > 0:
@@ -443,6 +483,71 @@ class LatencyModel:
             one = self._mac_scaled(cfg, k, 1, stat)
             v = None if one is None else one * batch
         return v
+
+    def table_quantile(self, cfg: str, k: int, batch: int, q: float) -> Optional[float]:
+        """Segment k of ``cfg`` at quantile ``q`` from the table: linear between the table's
+        percentiles (p50, p90, p95, p99); below p50 the p50, above p99 the p99."""
+        if self.table is None:
+            return None
+        pts = [(0.5, "p50"), (0.9, "p90"), (0.95, "p95"), (0.99, "p99")]
+        if q <= 0.5:
+            return self.table.segment(cfg, k, batch, "p50")
+        for (q0, s0), (q1, s1) in zip(pts, pts[1:]):
+            if q <= q1:
+                a, b = self.table.segment(cfg, k, batch, s0), self.table.segment(cfg, k, batch, s1)
+                if a is None or b is None:
+                    return b if a is None else a
+                return a + (b - a) * (q - q0) / (q1 - q0)
+        return self.table.segment(cfg, k, batch, "p99")
+
+    def span_quantile(self, first: int, last: int, variant: str, batch: int, q: float,
+                      prior: float = SPAN_PRIOR) -> Optional[float]:
+        """The ``q``-quantile (ms) of running stages ``first..last`` in ``variant`` at ``batch``.
+
+        The table's figure (the span's segments, each at quantile q, summed) is blended with
+        this process's own measurements of the span (stall-robust, see :class:`OnlineLatency`):
+        ``w * online + (1 - w) * table`` with ``w = n / (n + prior)`` after n measurements, so
+        a device faster or slower than its table is followed within a few hundred calls while a
+        lone stall moves nothing. Without a table the online figure, then MAC-scaled segment
+        estimates; None when nothing is known (the span then runs and is measured).
+        """
+        key = span_key(first, last, variant, batch)
+        tkey = (key, q)
+        try:
+            table = self._span_table[tkey]
+        except KeyError:  # the table never changes: computed once per span, batch and quantile
+            S = self.manifest.stages
+            cfg = "F" * first + variant + "F" * (S - 1 - last)
+            parts = [self.table_quantile(cfg, k, batch, q) for k in range(first, last + 1)]
+            table = None if self.table is None or any(v is None for v in parts) \
+                else float(sum(parts))
+            self._span_table[tkey] = table
+        online, n = self.online.quantile(key, q)
+        if online is None:
+            if table is not None:
+                return table
+            S = self.manifest.stages
+            cfg = "F" * first + variant + "F" * (S - 1 - last)
+            segs = [self.segment_ms(cfg, k, batch, "p99" if q > 0.95 else "p95")
+                    for k in range(first, last + 1)]
+            return None if any(v is None for v in segs) else float(sum(segs))  # type: ignore
+        return _blend(table, online, n, prior)
+
+    def segment_quantile(self, cfg: str, k: int, batch: int, q: float,
+                         prior: float = SPAN_PRIOR) -> Optional[float]:
+        """Segment k of ``cfg`` at quantile ``q``: the table's figure blended with the online
+        one as in :meth:`span_quantile` (the online window of ``(cfg, k, batch)``); without
+        either, :meth:`segment_ms`'s fallbacks at the nearest tail percentile."""
+        tkey = ("segment", cfg, k, batch, q)
+        try:
+            table = self._span_table[tkey]
+        except KeyError:
+            table = self._span_table[tkey] = self.table_quantile(cfg, k, batch, q)
+        online, n = self.online.quantile((cfg, k, batch), q)
+        if online is None:
+            return table if table is not None else self.segment_ms(
+                cfg, k, batch, "p99" if q > 0.95 else "p95")
+        return _blend(table, online, n, prior)
 
     def full_depth_ms(self, cfg: str, batch: int = 1, stat: str = "p95") -> Optional[float]:
         if self.table is not None:

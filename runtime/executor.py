@@ -33,6 +33,7 @@ class SegmentExecutor:
         self.options = dict(options or {})
         self._runners: dict[str, PieceRunner] = {}
         self._steps: dict[tuple[str, int], tuple[Step, ...]] = {}
+        self._span_steps: dict[tuple[int, int, str], tuple[Step, ...]] = {}
         self._lock = threading.Lock()
         self.input_name = self.manifest.input.name
 
@@ -80,10 +81,68 @@ class SegmentExecutor:
             self._steps[key] = steps  # idempotent: a racing thread stores an equal tuple
         return steps
 
+    def _step(self, piece) -> Step:
+        r = self.runner(piece.id)
+        return (r.run, tuple(r.input_names), tuple(r.output_names), bool(piece.returns_logits))
+
+    def has_merged(self, first: int, last: int, variant: str) -> bool:
+        """Whether the bundle has a merged piece for this span with an artifact for this
+        executor's backend (and target)."""
+        piece = self.manifest.merged_piece(first, last, variant)
+        return piece is not None and bool(piece.find_artifacts(self.backend, self.target))
+
+    def span_steps(self, first: int, last: int, variant: str) -> tuple[Step, ...]:
+        """Stages ``first..last`` under ``variant`` (one 'F'/'T' per stage) plus exit head
+        ``last``, runners opened (cached): the merged piece when the bundle has one for this
+        backend/target (one step), else the chain of the per-stage segments (segment k of any
+        skip config whose char k is ``variant[k - first]``)."""
+        key = (first, last, variant)
+        steps = self._span_steps.get(key)
+        if steps is not None:
+            return steps
+        S = self.manifest.stages
+        if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last < S):
+            raise IndexError(f"span {first}..{last} out of range: the bundle has stages "
+                             f"0..{S - 1}")
+        if (not isinstance(variant, str) or len(variant) != last - first + 1
+                or set(variant) - {"T", "F"}):
+            raise ValueError(f"variant {variant!r}: expected {last - first + 1} chars 'T'/'F', "
+                             f"one per stage {first}..{last}")
+        if self.has_merged(first, last, variant):
+            steps = (self._step(self.manifest.merged_piece(first, last, variant)),)
+        else:
+            built = []
+            configs = self.manifest.skip_configs
+            for k in range(first, last + 1):
+                cfg = next((c for c in configs if c[k] == variant[k - first]), None)
+                if cfg is None:
+                    raise KeyError(f"no skip config has {variant[k - first]!r} at stage {k} "
+                                   f"(skip configs: {', '.join(configs)})")
+                built.extend(self.steps(cfg, k))
+            steps = tuple(built)
+        self._span_steps[key] = steps  # idempotent: a racing thread stores an equal tuple
+        return steps
+
+    def run_span(self, first: int, last: int, variant: str,
+                 tensors: dict[str, np.ndarray]) -> np.ndarray:
+        """Run stages ``first..last`` under ``variant`` in place on ``tensors`` (updated with
+        every output; intermediate exits' logits are overwritten); return exit ``last``'s
+        logits. ``tensors`` must hold the span's input (the model input for ``first == 0``,
+        else ``features{first-1}``)."""
+        steps = self._span_steps.get((first, last, variant)) or self.span_steps(first, last, variant)
+        for run, inputs, outputs, _returns_logits in steps:
+            tensors.update(zip(outputs, run({name: tensors[name] for name in inputs})))
+        return tensors["logits"]
+
     def warm(self, skip_config: str) -> None:
         """Open every runner a skip configuration needs (so timing excludes session creation)."""
         for k in range(len(self.manifest.segments(skip_config))):
             self.steps(skip_config, k)
+        for piece in self.manifest.pieces:  # merged spans that run in this configuration
+            if (piece.variant is not None and piece.first_stage is not None
+                    and skip_config[piece.first_stage:piece.stage + 1] == piece.variant
+                    and piece.find_artifacts(self.backend, self.target)):
+                self.span_steps(piece.first_stage, piece.stage, piece.variant)
 
     def run_segment(self, skip_config: str, k: int, tensors: dict[str, np.ndarray]) -> np.ndarray:
         """Run segment k in place on ``tensors`` (updated with every output); return its logits."""

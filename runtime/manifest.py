@@ -48,6 +48,8 @@ __all__ = [
     "BACKENDS",
     "RUNTIME_BACKENDS",
     "PIECE_KINDS",
+    "MERGED",
+    "merged_piece_id",
     "TENSOR_DTYPES",
     "LATENCY_KINDS",
     "ModelInfo",
@@ -77,7 +79,10 @@ __all__ = [
 SCHEMA_VERSION = 2
 #: File name of the manifest at the root of a bundle directory.
 MANIFEST_NAME = "manifest.json"
-PIECE_KINDS = ("stage", "mandatory", "skippable", "head", "segment")
+PIECE_KINDS = ("stage", "mandatory", "skippable", "head", "segment", "merged")
+#: Kind of a piece that runs stages ``first_stage..stage`` (one variant each) plus exit head
+#: ``stage`` as one artifact; never part of an execution plan (an alternative to a span of one).
+MERGED = "merged"
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int32", "int64", "bool")
 INPUT_DTYPES = ("float32", "float16")
 INPUT_LAYOUTS = ("NCHW",)
@@ -392,14 +397,23 @@ class Piece:
     macs: int
     params: int
     artifacts: list[Artifact] = field(default_factory=list)
+    #: kind "merged" only: the span's first stage (``stage`` is its last) and its skip variant,
+    #: one 'F'/'T' per stage first_stage..stage. None for every other kind (and not written).
+    first_stage: Optional[int] = None
+    variant: Optional[str] = None
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "stage": self.stage, "skip": self.skip,
-                "returns_logits": self.returns_logits,
-                "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs],
-                "macs": self.macs, "params": self.params,
-                "artifacts": [a.to_dict() for a in self.artifacts]}
+        d = {"id": self.id, "kind": self.kind, "stage": self.stage}
+        if self.first_stage is not None:
+            d["first_stage"] = self.first_stage
+        if self.variant is not None:
+            d["variant"] = self.variant
+        d.update({"skip": self.skip, "returns_logits": self.returns_logits,
+                  "inputs": [t.to_dict() for t in self.inputs],
+                  "outputs": [t.to_dict() for t in self.outputs],
+                  "macs": self.macs, "params": self.params,
+                  "artifacts": [a.to_dict() for a in self.artifacts]})
+        return d
 
     def find_artifacts(self, backend: str, target: Optional[str] = None) -> list[Artifact]:
         return [a for a in self.artifacts
@@ -408,12 +422,20 @@ class Piece:
     @classmethod
     def _parse(cls, v: _V, d: object, p: str, stages: int) -> "Piece":
         d = v.obj(d, p, ("id", "kind", "stage", "skip", "returns_logits", "inputs", "outputs",
-                         "macs", "params", "artifacts"))
+                         "macs", "params", "artifacts"), ("first_stage", "variant"))
         pid = v.ident(d["id"], _key(p, "id"), "a piece id")
         kind = v.enum(d["kind"], _key(p, "kind"), PIECE_KINDS)
         stage = v.int_(d["stage"], _key(p, "stage"), lo=0, hi=stages - 1)
         skip = None if d["skip"] is None else v.bool_(d["skip"], _key(p, "skip"))
         rl = v.bool_(d["returns_logits"], _key(p, "returns_logits"))
+        first_stage, variant = d.get("first_stage"), d.get("variant")
+        if kind == MERGED:
+            first_stage, variant = _parse_merged_span(v, d, p, pid, stage, skip, rl, stages)
+        else:
+            for k in ("first_stage", "variant"):
+                if d.get(k) is not None:
+                    v.fail(_key(p, k), f"only a {MERGED!r} piece has {k}; this piece's kind "
+                                       f"is {kind!r}")
         if kind == "head" and not rl:
             v.fail(_key(p, "returns_logits"), "a 'head' piece must return logits")
         if kind == "stage" and skip is None:
@@ -445,10 +467,71 @@ class Piece:
                 v.fail(_key(pa, i), f"duplicate artifact for backend {a.backend!r} target "
                                     f"{a.target!r}")
             seen_bt.add((a.backend, a.target))
+        if kind == MERGED:
+            _check_merged_outputs(v, p, first_stage, stage, stages, tensors)
         return cls(id=pid, kind=kind, stage=stage, skip=skip, returns_logits=rl,
                    inputs=tensors["inputs"], outputs=tensors["outputs"],
                    macs=v.int_(d["macs"], _key(p, "macs"), lo=0),
-                   params=v.int_(d["params"], _key(p, "params"), lo=0), artifacts=arts)
+                   params=v.int_(d["params"], _key(p, "params"), lo=0), artifacts=arts,
+                   first_stage=first_stage, variant=variant)
+
+
+def merged_piece_id(first: int, last: int, variant: str) -> str:
+    """Id of the merged piece of stages ``first..last`` under ``variant``: 'stages0-2.FTF'."""
+    return f"stages{first}-{last}.{variant}"
+
+
+def _features_name(k: int) -> str:
+    return f"features{k}"
+
+
+def _parse_merged_span(v: _V, d: dict, p: str, pid: str, stage: int, skip: Optional[bool],
+                       rl: bool, stages: int) -> tuple[int, str]:
+    """first_stage, variant, skip, returns_logits and id of a 'merged' piece."""
+    pf, pv = _key(p, "first_stage"), _key(p, "variant")
+    if d.get("first_stage") is None:
+        v.fail(pf, f"missing: a {MERGED!r} piece needs first_stage, the first stage of its span "
+                   f"(its stage, {stage}, is the last)")
+    first = v.int_(d["first_stage"], pf, lo=0)
+    if first >= stage:
+        v.fail(pf, f"{first} must be less than stage ({stage}, the span's last stage)")
+    n = stage - first + 1
+    var = d.get("variant")
+    if var is None:
+        v.fail(pv, f"missing: a {MERGED!r} piece needs variant, one 'F'/'T' per stage "
+                   f"{first}..{stage}")
+    if not isinstance(var, str) or len(var) != n or set(var) - {"T", "F"}:
+        v.fail(pv, f"expected a string of {n} chars (stages {first}..{stage}), each 'T' or 'F', "
+                   f"got {_short(var)}")
+    if skip is not None:
+        v.fail(_key(p, "skip"), f"a {MERGED!r} piece spans several stages: skip must be null "
+                                "(variant says which stages skip)")
+    if not rl:
+        v.fail(_key(p, "returns_logits"), f"a {MERGED!r} piece ends with exit {stage}'s head: "
+                                          "returns_logits must be true")
+    want = merged_piece_id(first, stage, var)
+    if pid != want:
+        v.fail(_key(p, "id"), f"a {MERGED!r} piece of stages {first}..{stage} with variant "
+                              f"{var!r} must have id {want!r}, got {pid!r}")
+    return first, var
+
+
+def _check_merged_outputs(v: _V, p: str, first: int, stage: int, stages: int,
+                          tensors: dict[str, list[TensorSpec]]) -> None:
+    """A merged piece reads one tensor (the span's input, checked against the model input's name
+    later) and writes the last stage's features (unless it is the last stage) and the logits."""
+    pi = _key(p, "inputs")
+    if len(tensors["inputs"]) != 1:
+        v.fail(pi, f"a {MERGED!r} piece has exactly one input, got {len(tensors['inputs'])}")
+    name = tensors["inputs"][0].name
+    if first > 0 and name != _features_name(first - 1):
+        v.fail(_key(_key(pi, 0), "name"), f"a {MERGED!r} piece starting at stage {first} reads "
+                                          f"{_features_name(first - 1)!r}, got {name!r}")
+    want = ([_features_name(stage)] if stage < stages - 1 else []) + [LOGITS]
+    got = [t.name for t in tensors["outputs"]]
+    if sorted(got) != sorted(want):
+        v.fail(_key(p, "outputs"), f"a {MERGED!r} piece ending at stage {stage} outputs exactly "
+                                   f"{want}, got {got}")
 
 
 @dataclass(kw_only=True)
@@ -810,6 +893,15 @@ class Manifest:
         raise KeyError(f"no piece {piece_id!r} in manifest (pieces: "
                        f"{', '.join(p.id for p in self.pieces) or 'none'})")
 
+    def merged_piece(self, first: int, last: int, variant: str) -> Optional[Piece]:
+        """The 'merged' piece running stages ``first..last`` under ``variant`` (one 'F'/'T'
+        per stage) plus exit head ``last``, or None if the bundle has none."""
+        for p in self.pieces:
+            if (p.kind == MERGED and p.first_stage == first and p.stage == last
+                    and p.variant == variant):
+                return p
+        return None
+
     def segments(self, skip_config: str) -> list[list[Piece]]:
         """Pieces to run, per exit segment, under ``skip_config``."""
         if skip_config not in self.execution:
@@ -959,6 +1051,18 @@ def _parse_manifest(v: _V, d: object) -> Manifest:
                               "sha256/size_bytes")
             by_file.setdefault(a.file, (where, a))
 
+    for i, p in enumerate(pieces):
+        if p.kind != MERGED:
+            continue
+        pp = _key("pieces", i)
+        if p.first_stage == 0 and p.inputs[0].name != inp.name:
+            v.fail(_key(_key(_key(pp, "inputs"), 0), "name"),
+                   f"a {MERGED!r} piece starting at stage 0 reads the model input "
+                   f"{inp.name!r} (input.name), got {p.inputs[0].name!r}")
+        if not any(c[p.first_stage:p.stage + 1] == p.variant for c in configs):
+            v.fail(_key(pp, "variant"), f"{p.variant!r} for stages {p.first_stage}..{p.stage} "
+                                        "matches no skip config of skip_configs")
+
     execution = _parse_execution(v, d["execution"], configs, S, by_id, inp.name)
     stopping = Stopping._parse(v, d["stopping"], "stopping", configs)
 
@@ -1044,6 +1148,9 @@ def _parse_execution(v: _V, d: object, configs: list[str], S: int,
                 if pid not in by_id:
                     v.fail(pj, f"piece {_short(pid)} is not defined in pieces")
                 p = by_id[pid]
+                if p.kind == MERGED:
+                    v.fail(pj, f"piece {pid!r} is a {MERGED!r} piece: merged pieces are "
+                               "alternatives to spans of a plan and never appear in one")
                 if pid in used:
                     v.fail(pj, f"piece {pid!r} is used twice in this plan")
                 used.add(pid)

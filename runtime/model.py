@@ -27,12 +27,13 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.deadline import (EPS_MS, Clock, LatencyModel, LatencyTable, OnlineLatency,
-                              check_budget)
+                              check_budget, span_key)
 from runtime.executor import SegmentExecutor
 from runtime.host import usable_cores
 from runtime.exits import normalised_entropy
 from runtime.preprocess import prepare_input
 from runtime.rules import EntropyRule, FullDepthRule, MaxProbRule, PatienceRule, StopContext
+from runtime.routing import DEFAULT_EPSILON, STOP, RouterRule
 from runtime.selection import (BackendChoice, BackendStatus, BackendUnavailableError,
                                UnknownDeviceError, diagnose_backends, select_backend)
 from runtime.errors import UsageError
@@ -212,6 +213,7 @@ class AdaptiveModel:
         self._skip_set = frozenset(self.skip_configs)
         self._input_name = m.input.name
         self._lazy_ctx: dict[str, StopContext] = {}
+        self._merged_full: dict[str, bool] = {}
         C, H, W = (int(d) for d in self.input_shape)
         self._mean, self._std = list(m.input.mean), list(m.input.std)
         self._chw, self._nchw = (C, H, W), (1, C, H, W)
@@ -476,6 +478,8 @@ class AdaptiveModel:
         stop_rule = self.resolve_rule(rule)
         batch, batched = self._prepare(x)
         n = batch.shape[0]
+        if type(stop_rule) is RouterRule and skip_config is None:
+            return self._predict_routed(stop_rule, batch, budget, t0, batched)
         cfg = skip_config if skip_config is not None else (
             self.default_skip_config if budget is None else self.choose_skip_config(budget, n))
         # Rules that cannot stop before the last exit (none, "full") are not asked, and then
@@ -488,7 +492,8 @@ class AdaptiveModel:
         # arguments this loop builds itself); other rules are asked through stop()
         inline = _INLINE_RULES.get(type(stop_rule)) if decide else None
         run_segment = self.executor.run_segment
-        segment_ms = self.latency.segment_ms
+        segment_quantile = self.latency.segment_quantile
+        q = 1.0 - DEFAULT_EPSILON
         # segment timings for the online statistics: with a budget each one is recorded at once
         # (the next deadline check of this call may need it), else all at the end of the call
         timings: list[tuple[tuple[str, int, int], float]] = []
@@ -515,7 +520,7 @@ class AdaptiveModel:
         for k in range(last + 1):
             m = n if active is None else len(active)
             if limit is not None:
-                est = segment_ms(cfg, k, m, "p95")
+                est = segment_quantile(cfg, k, m, q)
                 if est is not None and (clock() - t0) * 1000.0 + est > limit:
                     if k > 0:  # answer with the exit we have (anytime prediction)
                         finish(None, probs if probs is not None else softmax(logits), k - 1,
@@ -578,18 +583,182 @@ class AdaptiveModel:
             self.latency.record_many(timings)
         return results if batched else results[0]
 
+    def _predict_routed(self, rule: RouterRule, batch: np.ndarray, budget: Optional[float],
+                        t0: float, batched: bool):
+        """Joint routing (runtime/routing.py): the policy fitted for the budget picks, per
+        sample and at each kept exit, stop or the variant of the next span; with a budget a
+        span runs only when the elapsed time plus its ``1 - epsilon`` latency quantile fits
+        (else the next ranked action; stopping always fits). Rows that choose the same action
+        run together, so at batch > 1 every sample exits on its own."""
+        clock = self.clock
+        policy = rule.policy_for_budget(budget)
+        limit = None if budget is None else budget + EPS_MS
+        q = 1.0 - rule.epsilon
+        S = self.stages
+        n = batch.shape[0]
+        results: list[Optional[Prediction]] = [None] * n
+        run_span = self.executor.run_span
+        span_quantile = self.latency.span_quantile
+        timings: list = []
+        names = self.class_names
+        pad = "F" * S
+
+        def finish(rows, p: np.ndarray, path: str, k: int, why: str) -> None:
+            now_ms = (clock() - t0) * 1000.0
+            missed = limit is not None and now_ms > limit
+            cfg = path + pad[len(path):]
+            for i, row in zip(rows, p):
+                cid = int(row.argmax())
+                results[i] = _prediction(cid, names[cid], row.copy(), k, cfg, now_ms, missed,
+                                         budget, why)
+
+        first, last = policy.spans[0]
+        forced = False  # the first span does not fit the budget: it runs, and answers
+        if limit is not None:
+            est = span_quantile(first, last, policy.start, n, q)
+            forced = est is not None and (clock() - t0) * 1000.0 + est > limit
+        if n == 1:
+            p = self._route_one(policy, batch, t0, limit, q, forced, budget)
+            return [p] if batched else p
+        groups = [(list(range(n)), policy.start, {self._input_name: batch})]
+        while groups:
+            rows, path, tensors = groups.pop()
+            m = len(rows)
+            e = len(path) - 1
+            ts = clock()
+            span = self._span_of(policy, path)
+            logits = run_span(span[0], span[1], path[span[0]:], tensors)
+            timings.append((span_key(span[0], span[1], path[span[0]:], m),
+                            (clock() - ts) * 1000.0))
+            if limit is not None:
+                self.latency.record_many(timings)
+                timings.clear()
+            probs = softmax(logits)
+            nxt = policy.next_span(e)
+            if nxt is None:
+                finish(rows, probs, path, e, "last_exit")
+                continue
+            if forced:
+                finish(rows, probs, path, e, "deadline")
+                continue
+            if m == 1:  # one sample: a bisect on the break points, no index arrays
+                choices = [(None, policy.ranked(path, float(probs[0].max())))]
+            else:
+                lists = policy.ranked_lists(path)
+                j = policy.interval(path, probs.max(axis=-1))
+                choices = [(np.flatnonzero(j == jj), lists[int(jj)]) for jj in np.unique(j)]
+            for sel, ranked in choices:
+                action, why = STOP, "rule"
+                for a in ranked:
+                    if a == STOP:
+                        break
+                    if limit is not None:
+                        est = span_quantile(nxt[0], nxt[1], a, m if sel is None else len(sel), q)
+                        if est is not None and (clock() - t0) * 1000.0 + est > limit:
+                            why = "deadline"
+                            continue
+                    action = a
+                    break
+                sub_rows = rows if sel is None else [rows[i] for i in sel]
+                if action == STOP:
+                    finish(sub_rows, probs if sel is None else probs[sel], path, e, why)
+                else:
+                    sub_t = tensors if sel is None else {k: t[sel] for k, t in tensors.items()}
+                    groups.append((sub_rows, path + action, sub_t))
+        if timings:
+            self.latency.record_later(timings)
+        return results if batched else results[0]
+
+    def _route_one(self, policy, batch: np.ndarray, t0: float, limit: Optional[float], q: float,
+                   forced: bool, budget: Optional[float]) -> Prediction:
+        """:meth:`_predict_routed` for one sample: the same decisions, scalars instead of row
+        groups, and the softmax computed in full only for the exit that answers (the top
+        probability is ``1 / sum(exp(z - max z))``)."""
+        clock = self.clock
+        run_span = self.executor.run_span
+        tensors = {self._input_name: batch}
+        timings = []
+        path = policy.start
+        first, last = policy.spans[0]
+        while True:
+            variant = path[first:]
+            ts = clock()
+            logits = run_span(first, last, variant, tensors)
+            timings.append((span_key(first, last, variant, 1), (clock() - ts) * 1000.0))
+            if limit is not None:
+                self.latency.record_many(timings)
+                timings.clear()
+            z = np.array(logits[0], dtype=np.float32)
+            z -= z.max()
+            np.exp(z, out=z)
+            total = z.sum()
+            nxt = policy.next_span(last)
+            if nxt is None:
+                why = "last_exit"
+                break
+            if forced:
+                why = "deadline"
+                break
+            action, why = STOP, "rule"
+            for a in policy.ranked(path, float(_ONE / total)):
+                if a == STOP:
+                    break
+                if limit is not None:
+                    est = self.latency.span_quantile(nxt[0], nxt[1], a, 1, q)
+                    if est is not None and (clock() - t0) * 1000.0 + est > limit:
+                        why = "deadline"
+                        continue
+                action = a
+                break
+            if action == STOP:
+                break
+            path += action
+            first, last = nxt
+        z /= total
+        cid = int(z.argmax())
+        now_ms = (clock() - t0) * 1000.0
+        S = self.stages
+        p = _prediction(cid, self.class_names[cid], z, last, path + "F" * (S - len(path)), now_ms,
+                        limit is not None and now_ms > limit, budget, why)
+        if timings:
+            self.latency.record_later(timings)
+        return p
+
+    def _has_merged_full(self, cfg: str) -> bool:
+        """Whether ``cfg`` at full depth runs as one merged artifact (cached per config)."""
+        hit = self._merged_full.get(cfg)
+        if hit is None:
+            has = getattr(self.executor, "has_merged", None)
+            hit = self._merged_full[cfg] = bool(has and has(0, self.stages - 1, cfg))
+        return hit
+
+    @staticmethod
+    def _span_of(policy, path: str) -> tuple[int, int]:
+        """The span that ends at the exit ``path`` reaches."""
+        last = len(path) - 1
+        for f, l in policy.spans:
+            if l == last:
+                return f, l
+        raise AssertionError(f"path {path!r} does not end at a kept exit {policy.exits}")
+
     def _full_depth_one(self, batch: np.ndarray, cfg: str, t0: float, batched: bool):
         """What :meth:`predict`'s general loop does for one sample, no budget and a rule that
         never stops early (none, "full"): every segment, the last exit answers. Without the
         loop's per-segment bookkeeping (a few us at batch 1)."""
         clock = self.clock
-        run_segment = self.executor.run_segment
         tensors = {self._input_name: batch}
         timings = []
-        for k in range(self.stages):
+        last = self.stages - 1
+        if self._has_merged_full(cfg):  # the whole network as one artifact: one backend call
             ts = clock()
-            logits = run_segment(cfg, k, tensors)
-            timings.append(((cfg, k, 1), (clock() - ts) * 1000.0))
+            logits = self.executor.run_span(0, last, cfg, tensors)
+            timings.append((span_key(0, last, cfg, 1), (clock() - ts) * 1000.0))
+        else:
+            run_segment = self.executor.run_segment
+            for k in range(self.stages):
+                ts = clock()
+                logits = run_segment(cfg, k, tensors)
+                timings.append(((cfg, k, 1), (clock() - ts) * 1000.0))
         row = softmax(logits)[0]  # a fresh (1, C) array's only row: no copy needed
         cid = int(row.argmax())
         p = _prediction(cid, self.class_names[cid], row, self.stages - 1, cfg,

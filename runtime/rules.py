@@ -22,6 +22,8 @@ name           stops after exit k when
 ``patience``   the argmax of exits k-patience+1..k is the same (and ``max p_k >= min_confidence``)
 ``lookahead``  ``max_h ( gain_k,h(s_k) - lam * (segment_ms[k+1] + .. + segment_ms[k+h]) ) <= 0``
 ``full``       never (full depth)
+``router``     the fitted policy's first choice at this exit is to stop (joint routing: see
+               :mod:`runtime.routing`; the runtime also picks the next span's variant per input)
 =============  ==================================================================================
 """
 from __future__ import annotations
@@ -585,6 +587,10 @@ RULES: dict[str, type[StoppingRule]] = {
     "lookahead": LookAheadRule,
     "full": FullDepthRule,
 }
+
+from .routing import RouterRule  # noqa: E402  (the router is a rule of its own module)
+
+RULES["router"] = RouterRule
 
 
 def make_rule(name: str, params: Optional[Mapping[str, Any]] = None) -> StoppingRule:

@@ -127,7 +127,7 @@ def test_host_build_writes_bundle_report_and_plots(host_build):
         "monolithic", "full_depth", "adaptive", "budget"}
     assert report["results"]["data"]["n"] == 200  # --eval-limit / [evaluate].limit
     names = {c["name"] for c in report["acceptance"]}
-    assert names == {"adaptive_speedup", "full_depth_overhead", "budget_tail"}
+    assert names == {"adaptive_speedup", "full_depth_overhead", "budget_tail", "budget_sweep"}
     assert all(isinstance(c["passed"], bool) for c in report["acceptance"])
     # every static sub-network: 2 + 4 + 8 prefixes for 3 stages
     assert len(report["results"]["static"]) == 14
@@ -141,9 +141,10 @@ def test_host_build_writes_bundle_report_and_plots(host_build):
     for needle in ("## Key numbers (MEASURED", "## Acceptance", "monolithic ONNX Runtime session",
                    "Static sub-networks", "plots/tradeoff.png"):
         assert needle in md
-    assert md.count("**PASS**") + md.count("**FAIL**") == 3
+    assert md.count("**PASS**") + md.count("**FAIL**") == 4
     assert set(report["plots"]) == {"plots/tradeoff.png", "plots/exits.png",
-                                    "plots/latency-host.png"}
+                                    "plots/latency-host.png", "plots/pareto.png",
+                                    "plots/budget-sweep.png", "plots/cdf.png"}
     for p in report["plots"]:
         _check_png(r / p)
 

@@ -211,6 +211,15 @@ EXAMPLES = {
                   {"edges": EDGES, "lam": 0.0,
                    "gain": [[[0.1, 0.0, 0.0], [0.2, 0.1, 0.0]], [[0.1, 0.0, -0.1], None]]}],
     "full": [{}],
+    "router": [{"policies": [{"exits": [0, 1, 2], "start": "F", "decisions": {
+                    "F": {"breaks": [0.5, 0.9], "ranked": [["T", "F", "stop"], ["F", "stop"],
+                                                           ["stop"]]},
+                    "FF": {"breaks": [0.7], "ranked": [["F", "stop"], ["stop"]]},
+                    "FT": {"breaks": [], "ranked": [["T", "F", "stop"]]}}}]},
+               {"policies": [{"exits": [2], "start": "FFF", "decisions": {}},
+                             {"exits": [0, 2], "start": "T", "lam": 0.1, "decisions": {
+                                 "T": {"breaks": [0.8], "ranked": [["TT", "stop"], ["stop"]]}}}],
+                "default": 0, "budgets": [[0.5, 1], [2.0, 0]], "epsilon": 0.05}],
 }
 
 
@@ -403,6 +412,13 @@ def problems(draw):
         params = {"edges": edges, "gain": gain, "lam": float(rng.uniform(0, 0.2)),
                   "statistic": draw(st.sampled_from(["max_prob", "margin", "confidence"])),
                   "interpolation": draw(st.sampled_from(["step", "linear"]))}
+    elif kind == "router":  # one path of full stages, random break points per exit
+        decisions = {}
+        for k in range(S - 1):
+            breaks = sorted(rng.uniform(0, 1, int(rng.integers(0, 3))).tolist())
+            decisions["F" * (k + 1)] = {"breaks": breaks, "ranked": [
+                ["stop"] if rng.random() < 0.5 else ["F", "stop"] for _ in range(len(breaks) + 1)]}
+        params = {"policies": [{"exits": list(range(S)), "start": "F", "decisions": decisions}]}
     else:
         params = {}
     return p, seg, kind, params

@@ -1,0 +1,270 @@
+"""The joint router: policy validation, the backward-induction fit, exits that do not pay, the
+epsilon deadline on fixed tables (fake clock), and runtime decisions equal to the simulation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from export.routing_fit import (RoutingData, _isotonic, fit_policy, fit_router, simulate,
+                                static_policy)
+from runtime import AdaptiveModel, FakeClock
+from runtime.errors import ConfigError
+from runtime.manifest import LatencyEntry, utc_now_iso
+from runtime.routing import STOP, RouterPolicy, RouterRule
+from runtime.rules import make_rule
+from test_runtime import THREADS, build_bundles, copy_bundle, edit_manifest
+
+
+def synthetic_probs(n: int = 4000, S: int = 2, useless_first: bool = False, seed: int = 0):
+    """probs[cfg] (S, n, 10) and labels: exit 0's confidence c is right with chance c (or
+    uninformative and right 10% of the time); the later exits say 0.9 whatever happens and are
+    right 90% (exit 1) to 95% (the last exit) of the time; the skip variant 'T' is 1 point
+    worse at every exit."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    base_c = rng.uniform(0.15, 1.0, n)
+    u = rng.uniform(size=(S, n))
+    configs = ["".join(t) for t in np.array(np.meshgrid(*[["F", "T"]] * S)).T.reshape(-1, S)]
+    probs = {}
+    for cfg in configs:
+        p = np.zeros((S, n, 10), dtype=np.float32)
+        for k in range(S):
+            worse = 0.01 * cfg[:k + 1].count("T")
+            if k == 0:
+                c = np.full(n, 0.5) if useless_first else base_c
+                ok = u[k] < ((0.1 if useless_first else c) - worse)
+            else:  # uninformative confidence, accuracy 90% at exit 1 rising to 95% at the last
+                c = np.full(n, 0.9)
+                ok = u[k] < 0.90 + 0.05 * (k - 1) / max(1, S - 2) - worse
+            pred = np.where(ok, y, (y + 1) % 10)
+            p[k] = (1 - c[:, None]) / 9
+            p[k, np.arange(n), pred] = c
+        probs[cfg] = p
+    return probs, y
+
+
+def unit_cost(first: int, last: int, variant: str) -> float:
+    return float(sum(0.7 if ch == "T" else 1.0 for ch in variant))
+
+
+# ---------------------------------------------------------------------------------------------
+# policies and the fit
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params, field", [
+    ({"policies": [{"exits": [0, 2], "start": "FF", "decisions": {}}]}, "start"),
+    ({"policies": [{"exits": [1, 0], "start": "F", "decisions": {}}]}, "exits"),
+    ({"policies": [{"exits": [0, 1], "start": "F", "decisions": {
+        "F": {"breaks": [0.5], "ranked": [["F", "stop"]]}}}]}, "ranked"),
+    ({"policies": [{"exits": [0, 1], "start": "F", "decisions": {
+        "F": {"breaks": [], "ranked": [["stop", "F"]]}}}]}, "ranked[0]"),
+    ({"policies": [{"exits": [0, 1], "start": "F", "decisions": {
+        "F": {"breaks": [], "ranked": [["FT", "stop"]]}}}]}, "ranked[0][0]"),
+    ({"policies": [{"exits": [0, 1], "start": "F", "decisions": {}}], "budgets": [[2, 0], [1, 0]]},
+     "budgets"),
+])
+def test_router_parameters_are_validated_field_by_field(params, field):
+    with pytest.raises(ConfigError) as e:
+        make_rule("router", params)
+    assert "stopping rule 'router'" in str(e.value) and field in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_router_round_trips_and_picks_the_policy_of_a_budget():
+    a = {"exits": [0, 1], "start": "F", "decisions": {
+        "F": {"breaks": [0.6], "ranked": [["T", "F", "stop"], ["stop"]]}}}
+    b = {"exits": [1], "start": "FF", "decisions": {}}
+    rule = make_rule("router", {"policies": [a, b], "default": 1, "budgets": [[1.0, 0], [3.0, 1]]})
+    assert make_rule("router", rule.params()) == rule
+    assert rule.policy_for_budget(None).exits == (1,)
+    assert rule.policy_for_budget(0.5).exits == (0, 1)  # below every entry: the first one
+    assert rule.policy_for_budget(2.9).exits == (0, 1)
+    assert rule.policy_for_budget(3.0).exits == (1,)
+    p = rule.policies[0]
+    assert p.ranked("F", 0.59) == ("T", "F", STOP) and p.ranked("F", 0.6) == (STOP,)
+    assert p.ranked("T", 0.1) == (STOP,)  # a path the policy never reaches stops
+    assert rule.used_spans() == {(0, 0, "F"), (1, 1, "T"), (1, 1, "F"), (0, 1, "FF")}
+
+
+def test_isotonic_fit_is_non_decreasing_and_follows_the_data():
+    rng = np.random.default_rng(1)
+    s = rng.uniform(size=5000)
+    y = (rng.uniform(size=5000) < s).astype(float)
+    f = _isotonic(s, y, max_bins=24, min_bin=40)
+    assert np.all(np.diff(f.values) >= -1e-12)
+    grid = np.linspace(0.02, 0.98, 25)
+    assert np.max(np.abs(f(grid) - grid)) < 0.12
+
+
+def test_policy_stops_the_confident_and_continues_the_unsure():
+    probs, y = synthetic_probs()
+    data = RoutingData(probs, y)
+    pol = fit_policy(data, unit_cost, [0, 1], 0.05, np.arange(data.N))
+    # stopping is worth it where the chance of being right now is within lam x cost of the
+    # last exit's 95% (minus the cheaper variant's point): above ~0.9 confidence
+    assert pol.ranked(pol.start, 0.99)[0] == STOP
+    assert pol.ranked(pol.start, 0.3)[0] != STOP
+    conf = np.linspace(0.15, 1.0, 200)
+    first_is_stop = np.array([pol.ranked(pol.start, c)[0] == STOP for c in conf])
+    # one threshold: once stopping is first, it stays first for more confident samples
+    assert not np.any(first_is_stop[:-1] & ~first_is_stop[1:])
+    out = simulate(pol, data, unit_cost, np.arange(data.N))
+    assert 0 < (out.exit == 0).mean() < 1
+    # the policy is worth more than both static ends at its price of latency
+    lam = 0.05
+    for static in (static_policy("FF", 0), static_policy("FF", 1)):
+        s = simulate(static, data, unit_cost, np.arange(data.N))
+        assert out.accuracy - lam * out.mean_latency_ms >= s.accuracy - lam * s.mean_latency_ms
+
+
+def test_fit_router_meets_the_target_held_out_and_keeps_the_exit_that_pays():
+    """Exit 0's confidence tells right from wrong, exit 1's says nothing: exit 0 is kept,
+    exit 1 (never worth stopping at) is dropped, within the target held out."""
+    probs, y = synthetic_probs(S=3)
+    fit = fit_router(probs, y, unit_cost, max_drop=1.0, exit_cost_ms=0.1)
+    assert fit.drop_bound_points <= 1.0 and fit.heldout_drop_points <= 1.0
+    assert fit.exits == [0, 2]
+    # cheaper held out than running to the end and than keeping exit 1 as well
+    others = {tuple(s["exits"]): s for s in fit.subsets}
+    assert fit.heldout_latency_ms < others[(0, 1, 2)]["heldout_latency_ms"]
+    assert fit.heldout_latency_ms < others[(2,)]["heldout_latency_ms"]
+
+
+def test_an_exit_that_does_not_pay_is_dropped():
+    """Exit 0 is right 10% of the time whatever it says: no policy should stop there, so the
+    kept exits leave it out and its cost (head, decision) is not paid."""
+    probs, y = synthetic_probs(S=2, useless_first=True)
+    fit = fit_router(probs, y, unit_cost, max_drop=0.5, exit_cost_ms=0.05)
+    assert fit.exits == [1]
+    pol = fit.rule.default_policy
+    assert pol.spans == [(0, 1)] and pol.decisions == {}
+    assert fit.exit_histogram == [0, len(y)]
+
+
+def test_the_deadline_runs_a_span_exactly_when_its_quantile_fits():
+    probs, y = synthetic_probs(S=3, n=50)
+    data = RoutingData(probs, y)
+    pol = static_policy("FFF", 2)  # always continue
+    cost = lambda f, l, v: 1.0 * (l - f + 1)  # noqa: E731
+    q99 = lambda f, l, v: 1.5 * (l - f + 1)  # noqa: E731
+    idx = np.arange(data.N)
+    for budget, exit_ in ((2.5, 1), (2.4999, 0), (3.5, 2), (3.4999, 1)):
+        out = simulate(pol, data, cost, idx, budget_ms=budget, span_quantile=q99)
+        assert set(out.exit.tolist()) == {exit_}, budget
+        assert not out.missed.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# on a real bundle: the runtime decides what the simulation decided
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    return build_bundles(tmp_path_factory.mktemp("routing"))
+
+
+@pytest.fixture(scope="module")
+def val_images() -> np.ndarray:
+    from train.data import load_dataset
+
+    ds = load_dataset("synthetic:chans=1,size=28")
+    return ds.val.images[:160].permute(0, 2, 3, 1).contiguous().numpy(), ds.val.labels[:160].numpy()
+
+
+def quantile_table(manifest, p50: float, p95: float, p99: float) -> list[LatencyEntry]:
+    now = utc_now_iso()
+    return [LatencyEntry(device="x86-host", backend="onnxruntime", target="x86_64-cpu", batch=1,
+                         piece=p.id, p50_ms=p50, p90_ms=p50, p95_ms=p95, p99_ms=p99,
+                         mean_ms=p50, kind="estimated", created=now, fingerprint={"test": True})
+            for p in manifest.pieces if p.kind == "stage"]
+
+
+class SpanClock:
+    """Wraps the real executor: every stage of a span 'takes' ``ms`` on a FakeClock."""
+
+    def __init__(self, inner, clock: FakeClock, ms: float) -> None:
+        self.inner, self.clock, self.ms = inner, clock, ms
+        self.backend, self.target = inner.backend, inner.target
+        self.spans: list[tuple[int, int, str]] = []
+
+    def run_span(self, first, last, variant, tensors):
+        out = self.inner.run_span(first, last, variant, tensors)
+        self.spans.append((first, last, variant))
+        self.clock.advance(self.ms * (last - first + 1))
+        return out
+
+    def run_segment(self, cfg, k, tensors):
+        out = self.inner.run_segment(cfg, k, tensors)
+        self.clock.advance(self.ms)
+        return out
+
+    def run_exits(self, x, cfg, upto=None):
+        return self.inner.run_exits(x, cfg, upto)
+
+
+def always_continue(epsilon: float = 0.01) -> RouterRule:
+    return RouterRule([static_policy("FFF", 2)], epsilon=epsilon)
+
+
+@pytest.mark.parametrize("epsilon, budget, exit_, why", [
+    (0.01, 25.0, 1, "deadline"),    # 10 elapsed + p99 15 = 25 fits; 20 + 15 does not
+    (0.01, 24.9, 0, "deadline"),
+    (0.01, 35.0, 2, "last_exit"),   # 20 + 15 = 35 fits
+    (0.05, 22.0, 1, "deadline"),    # epsilon 5%: the p95 (12 ms) decides
+    (0.05, 21.9, 0, "deadline"),
+    (0.03, 23.4, 0, "deadline"),    # between p95 and p99: 12 + (15 - 12) * 0.5 = 13.5 -> 23.5
+    (0.03, 23.5, 1, "deadline"),
+])
+def test_router_deadline_proceeds_exactly_when_the_chance_of_fitting_is_high_enough(
+        bundles, tmp_path, val_images, epsilon, budget, exit_, why):
+    b = copy_bundle(bundles[1], tmp_path / "b")
+    edit_manifest(b, lambda m: m.replace_latency(quantile_table(m, 10.0, 12.0, 15.0)))
+    real = AdaptiveModel.load(b, runner_options=THREADS)
+    clock = FakeClock()
+    m = AdaptiveModel(real.bundle, SpanClock(real.executor, clock, 10.0), choice=real.choice,
+                      clock=clock)
+    p = m.predict(val_images[0][0], budget_ms=budget, rule=always_continue(epsilon))
+    assert (p.exit_index, p.stopped_by, p.deadline_missed) == (exit_, why, False)
+
+
+def test_router_budget_measured_online_blends_into_the_table(bundles, tmp_path, val_images):
+    """The device is slower than its table (segments take 14 ms, the table's p99 says 15, p50
+    10): after enough calls the online figure weighs in and the check follows it."""
+    b = copy_bundle(bundles[1], tmp_path / "b")
+    edit_manifest(b, lambda m: m.replace_latency(quantile_table(m, 10.0, 12.0, 15.0)))
+    real = AdaptiveModel.load(b, runner_options=THREADS)
+    clock = FakeClock()
+    m = AdaptiveModel(real.bundle, SpanClock(real.executor, clock, 14.0), choice=real.choice,
+                      clock=clock)
+    q0 = m.latency.span_quantile(1, 1, "F", 1, 0.99)
+    assert q0 == pytest.approx(15.0)
+    for _ in range(200):
+        m.predict(val_images[0][0], rule=always_continue())
+    q = m.latency.span_quantile(1, 1, "F", 1, 0.99)
+    assert 14.0 < q < 15.0 and q < q0
+
+
+def test_runtime_routes_like_the_simulation(bundles, val_images):
+    """A router fitted on the bundle's own exit probabilities: every sample's exit and path at
+    batch 1 and in one batch are what the simulation on the same probabilities says."""
+    x, y = val_images
+    model = AdaptiveModel.load(bundles[1], runner_options=THREADS)
+    probs = {c: model.exit_probabilities(x, c) for c in model.skip_configs}
+    fit = fit_router(probs, y, unit_cost, max_drop=5.0, z=0.0, lams=(0.0, 0.01, 0.03, 0.1),
+                     min_bin=10)
+    rule = fit.rule
+    data = RoutingData(probs, y)
+    for pol_i, pol in enumerate([rule.default_policy, fit_policy(data, unit_cost, [0, 1, 2], 0.03,
+                                                                 np.arange(len(y)), min_bin=10)]):
+        r = RouterRule([pol])
+        sim = simulate(pol, data, unit_cost, np.arange(len(y)))
+        one = [model.predict(img, rule=r) for img in x]
+        many = model.predict(x, rule=r)
+        for i, (p, q) in enumerate(zip(one, many)):
+            path = sim.path[i]
+            assert (p.exit_index, p.skip_config[:len(path)]) == (sim.exit[i], path), (pol_i, i)
+            assert (q.exit_index, q.skip_config, q.class_id) == (p.exit_index, p.skip_config,
+                                                                 p.class_id)
+            assert p.class_id == probs[path + "F" * (3 - len(path))][sim.exit[i], i].argmax()
+        if pol_i == 1:
+            assert len({p.exit_index for p in one}) > 1  # the test routes for real
