@@ -47,6 +47,9 @@ SCHEMA_VERSION = 1
 ARCHES = ("x86_64", "aarch64")
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8", "best")
+#: Precision of the pieces `pipeline compile` builds for a profile (``precision`` at top level):
+#: ``int8`` quantizes the onnxruntime pieces that measure faster and keep accuracy (docs/export.md).
+PRECISIONS = ("fp32", "int8")
 ORT_GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 TVM_TUNING = ("none", "meta_schedule")
 
@@ -202,6 +205,7 @@ class Profile:
     extends: str | None = None
     detected: dict[str, Any] = field(default_factory=dict)  # what load-time detection filled
     extra: dict[str, Any] = field(default_factory=dict)  # free-form [extra] table
+    precision: str = "fp32"  # "int8": quantize the onnxruntime pieces where it pays
 
     def backend(self, name: str) -> BackendSpec | None:
         for spec in self.backends:
@@ -238,6 +242,8 @@ class Profile:
             "peak": peak,
             "backends": [b.to_dict() for b in self.backends],
         }
+        if self.precision != "fp32":
+            out["precision"] = self.precision
         if self.extra:
             out["extra"] = copy.deepcopy(self.extra)
         if self.extends:
@@ -375,6 +381,7 @@ _TOP_KEYS = (
     "peak",
     "backends",
     "extra",
+    "precision",
     # provenance / load-time keys (consumed by the registry, tolerated here)
     "extends",
     "detect",
@@ -423,6 +430,9 @@ def validate_profile(raw: Mapping[str, Any], source: str | None = None) -> Profi
     peak = _peak(c, raw.get("peak"), "peak", hardware)
     backends = _backends(c, raw.get("backends"), arch, hardware, software)
     extra = c.get(raw, "extra", "", "table", default={})
+    precision = c.get(raw, "precision", "", "str", default="fp32", choices=PRECISIONS)
+    if precision == "int8" and not any(b.name == "onnxruntime" for b in backends):
+        c.fail("precision", "int8 pieces are built for the onnxruntime backend; this profile has none")
     extends = c.get(raw, "extends", "", "str")
     detected = c.get(raw, "detected", "", "table", default={})
     src = raw.get("source") if source is None else source
@@ -440,6 +450,7 @@ def validate_profile(raw: Mapping[str, Any], source: str | None = None) -> Profi
         extends=extends,
         detected=copy.deepcopy(detected),
         extra=copy.deepcopy(extra),
+        precision=precision,
     )
 
 

@@ -46,6 +46,8 @@ from runtime.errors import UsageError
 
 Progress = Callable[[str], None]
 VERIFY_SAMPLES = 4
+#: ``compile_bundle(precision=...)`` / ``pipeline compile --precision``.
+PRECISIONS = ("fp32", "int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,18 +88,32 @@ def _verify_inputs(m: Manifest, n: int = VERIFY_SAMPLES) -> np.ndarray:
 def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence[str] | None = None,
                    out_dir: str | os.PathLike | None = None, tune_trials: int = 0,
                    progress: Progress | None = print, overwrite: bool = False, archive: bool = False,
-                   verify: bool = True, tuning_db_dir: str | os.PathLike | None = None) -> Path:
+                   verify: bool = True, tuning_db_dir: str | os.PathLike | None = None,
+                   precision: str | None = None, calib_images: np.ndarray | None = None,
+                   quantize_options: dict[str, Any] | None = None) -> Path:
     """Compile the portable bundle at ``bundle_dir`` (a directory or .tar.gz) for ``profile``.
 
     ``profile``: a :class:`devices.Profile` or a profile name/alias/path. ``backends``: None ->
     every backend of the profile that can be compiled here, in profile order (others are
     reported and skipped); otherwise exactly these (an unavailable one is an error).
     ``out_dir`` defaults to ``<bundle_dir>-<profile name>`` next to the bundle. Returns it.
+
+    ``precision``: ``"fp32"`` or ``"int8"`` (default: the profile's ``precision``). ``int8``
+    quantizes the onnxruntime pieces (:func:`export.quantize.quantize_manifest`) with
+    ``calib_images`` (validation images, uint8 NHWC or float32 NCHW; required), keeping each
+    piece in int8 only where it measures faster and keeps its exit's argmax
+    (``quantize_options``: ``min_speedup``, ``max_agreement_drop``, ``exclude``, ...).
     """
     progress = progress or (lambda _m: None)
     if tune_trials < 0:
         raise UsageError(f"tune_trials must be >= 0, got {tune_trials}")
     profile = _load_profile(profile)
+    precision = precision or getattr(profile, "precision", None) or "fp32"
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and calib_images is None:
+        raise UsageError("precision int8 needs calibration images (validation images of the "
+                         "model's data set: --calib-npz FILE, or calib_images=)")
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.exists():
         raise FileNotFoundError(f"bundle not found: {bundle_dir}")
@@ -119,6 +135,9 @@ def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence
     if not chosen:
         raise UsageError(f"nothing to compile for profile {profile.name!r}: "
                          + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
+    if precision == "int8" and "onnxruntime" not in chosen:
+        raise UsageError("precision int8 quantizes the onnxruntime pieces; this compile has no "
+                         f"onnxruntime backend ({', '.join(chosen)})")
 
     with ExitStack() as stack:
         if bundle_dir.is_file():
@@ -193,10 +212,13 @@ def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence
             if not chosen:
                 raise UsageError(f"nothing could be compiled for profile {profile.name!r}: "
                                  + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
+            if precision == "int8":
+                _quantize(manifest, tmp, profile, chosen, calib_images, quantize_options, progress)
             manifest.deployment = _deployment(profile, chosen, targets)
             manifest.annotations = {**manifest.annotations, "compile": json_safe({
                 "profile": profile.name, "profile_source": profile.source, "arch": profile.arch,
                 "backends": report, "skipped": skipped, "tune_trials": tune_trials,
+                "precision": precision,
                 "created": utc_now_iso(), "tool_version": tool_version(),
                 "notes": [UNTUNED_NOTE] if untuned else [],
             })}
@@ -206,6 +228,26 @@ def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence
     if archive:
         write_archive(out, overwrite=overwrite, progress=progress)
     return out
+
+
+def _quantize(manifest: Manifest, root: Path, profile, chosen: list[str], images: np.ndarray,
+              options: dict[str, Any] | None, progress: Progress) -> None:
+    """INT8 onnxruntime pieces where they pay (the report goes to annotations.quantize)."""
+    from export.quantize import quantize_manifest, target_facts
+
+    if "onnxruntime" not in chosen:
+        raise UsageError("precision int8 quantizes the onnxruntime pieces; this compile has no "
+                         f"onnxruntime backend ({', '.join(chosen)})")
+    kw = {**target_facts(profile), **dict(options or {})}
+    report = quantize_manifest(manifest, root, images, progress=progress, **kw)
+    still = {a.file for p in manifest.pieces for a in p.artifacts}
+    for rel in report.get("replaced_files", []):
+        if rel not in still:
+            with contextlib.suppress(OSError):
+                (root / rel).unlink()
+    progress(f"int8    {len(report['accepted'])} of {len(report['pieces'])} pieces int8 "
+             f"({report['latency_kind']} on {report['target']}); fp32: "
+             f"{', '.join(report['rejected']) or 'none'}")
 
 
 def _deployment(profile, chosen: list[str], targets: dict[str, str]) -> Deployment:

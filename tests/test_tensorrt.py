@@ -32,12 +32,10 @@ from export.tensorrt import (
     engine_cache_key,
     inspect_onnx,
     make_build_plan,
-    make_entropy_calibrator,
     normalize_compute_capability,
     require_engine,
     tensorrt_version,
 )
-from export.tensorrt.calibrator import CalibrationFeeder
 from export.tensorrt.detect import _from_nvidia_smi, _from_tegra_device_tree
 
 MiB = 1024 * 1024
@@ -100,8 +98,8 @@ class FakeConfig(_Recorder):
         object.__setattr__(self, "profiles", [])
 
     def __setattr__(self, name, value):
-        if name == "int8_calibrator" and self._trt.major >= 11:
-            raise AttributeError("'IBuilderConfig' object has no attribute 'int8_calibrator'")
+        if name == "int8_calibrator":  # implicit INT8 is gone: INT8 comes from Q/DQ nodes
+            raise AssertionError("the builder must not set an INT8 calibrator")
         self._rec("set", name, value)
         object.__setattr__(self, name, value)
 
@@ -115,11 +113,6 @@ class FakeConfig(_Recorder):
         self.profiles.append(profile)
         self._rec("add_optimization_profile", profile.shapes)
         return 0
-
-    def set_calibration_profile(self, profile):
-        if self._trt.major >= 11:
-            raise AttributeError("removed in TensorRT 11")
-        self._rec("set_calibration_profile", profile.shapes)
 
     def create_timing_cache(self, data):
         self._rec("create_timing_cache", bytes(data))
@@ -190,20 +183,7 @@ class FakeBuilder(_Recorder):
 
     def build_serialized_network(self, network, config):
         self._rec("build_serialized_network")
-        calib = getattr(config, "int8_calibrator", None)
-        if calib is not None:  # what TensorRT does with an IInt8EntropyCalibrator2
-            assert calib.get_batch_size() == 1
-            if calib.read_calibration_cache() is None:
-                names = [t.name for t in network.inputs]
-                while (ptrs := calib.get_batch(names)) is not None:
-                    self._trt.calibration_batches.append(ptrs)
-                calib.write_calibration_cache(memoryview(b"CALIBRATION-TABLE"))
         return None if self._trt.fail_build else memoryview(b"ENGINE:" + str(len(self._trt.calls)).encode())
-
-
-class FakeCalibratorBase:
-    def __init__(self):
-        self.base_initialised = True
 
 
 class FakeTRT:
@@ -213,15 +193,13 @@ class FakeTRT:
         self.__version__ = version
         self.major = int(version.split(".")[0])
         self.dla_cores, self.fail_build = dla_cores, fail_build
-        self.calls, self.calibration_batches = [], []
+        self.calls = []
         flags = ["GPU_FALLBACK", "TF32", "REFIT"] + (["FP16", "INT8", "BF16"] if self.major == 10 else [])
         self.BuilderFlag = SimpleNamespace(**{f: f"BuilderFlag.{f}" for f in flags})
         self.MemoryPoolType = SimpleNamespace(WORKSPACE="MemoryPoolType.WORKSPACE")
         self.DeviceType = SimpleNamespace(GPU="DeviceType.GPU", DLA="DeviceType.DLA")
         self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
         self.Logger = type("Logger", (), {"WARNING": 2, "VERBOSE": 4, "__init__": lambda s, sev: None})
-        if self.major == 10:
-            self.IInt8EntropyCalibrator2 = FakeCalibratorBase
 
     def Builder(self, logger):
         return FakeBuilder(self, logger)
@@ -233,20 +211,6 @@ class FakeTRT:
         return [c for c in self.calls if c[0] == kind and c[1] == op]
 
 
-class FakeAllocator:
-    def __init__(self):
-        self.mem, self.next, self.freed = {}, 0x1000, []
-
-    def malloc(self, nbytes):
-        self.next += 0x1000
-        self.mem[self.next] = None
-        return self.next
-
-    def copy_htod(self, ptr, array):
-        self.mem[ptr] = array.copy()
-
-    def free(self, ptr):
-        self.freed.append(ptr)
 
 
 OPTS = {"precision": "fp16", "workspace_mb": 256, "min_batch": 1, "opt_batch": 4, "max_batch": 8,
@@ -293,17 +257,22 @@ def test_trt10_fp16_plan_flags_profile_workspace(models):
         ("x", (1, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8))]
     assert plan.inputs[0].sample_shape == (3, 8, 8) and plan.inputs[0].dynamic_batch
     assert plan.builder_optimization_level == 4 and plan.timing_cache
-    assert plan.default_device_type == "GPU" and plan.dla_core is None and not plan.needs_calibrator
+    assert plan.default_device_type == "GPU" and plan.dla_core is None
+    assert not hasattr(plan, "needs_calibrator")  # implicit INT8 calibration is gone
     assert make_build_plan(models["fp32"], {"precision": "fp32"}, TRT10).builder_flags == ()
 
 
-def test_trt10_int8_needs_calibrator_unless_qdq(models):
-    plan = make_build_plan(models["fp32"], {**OPTS, "precision": "int8"}, TRT10)
-    assert plan.builder_flags == ("INT8",) and plan.needs_calibrator and plan.calibration_batch == 4
+def test_trt10_int8_is_explicit_qdq_only(models):
+    with pytest.raises(QdqOnnxRequiredError, match="export.quantize.quantize_piece") as err:
+        make_build_plan(models["fp32"], {**OPTS, "precision": "int8"}, TRT10)
+    assert err.value.option == "precision" and "QuantizeLinear" in str(err.value)
     qdq = make_build_plan(models["qdq"], {**OPTS, "precision": "int8"}, TRT10)
-    assert qdq.builder_flags == ("INT8",) and not qdq.needs_calibrator and qdq.onnx_has_qdq
+    assert qdq.builder_flags == ("INT8",) and qdq.onnx_has_qdq
+    assert any("Q/DQ" in n for n in qdq.notes)
     best = make_build_plan(models["qdq"], {"precision": "best"}, TRT10)
     assert best.builder_flags == ("FP16", "INT8")
+    best32 = make_build_plan(models["fp32"], {"precision": "best"}, TRT10)
+    assert best32.builder_flags == ("FP16",) and any("FP16 only" in n for n in best32.notes)
     with pytest.raises(TensorRTConfigError, match="precision.*Q/DQ|QuantizeLinear") as err:
         make_build_plan(models["qdq"], {"precision": "fp16"}, TRT10)
     assert err.value.option == "precision"
@@ -333,7 +302,7 @@ def test_trt11_strongly_typed_no_precision_flags(models):
     assert plan.strongly_typed and plan.builder_flags == () and plan.onnx_conversion is None
     assert plan.profiles[0].max == (8, 3, 8, 8) and plan.memory_pool_limits == (("WORKSPACE", 256 * MiB),)
     qdq = make_build_plan(models["qdq"], {"precision": "int8"}, "11.4.1")
-    assert qdq.builder_flags == () and not qdq.needs_calibrator
+    assert qdq.builder_flags == () and qdq.onnx_has_qdq
     assert make_build_plan(models["fp32"], {"precision": "fp32"}, TRT11).builder_flags == ()
 
 
@@ -436,26 +405,17 @@ def test_builder_trt10_dla(models):
         build_engine(models["fp32"], plan, trt=FakeTRT("10.3.0", dla_cores=0), log=lambda m: None)
 
 
-def test_builder_trt10_int8_calibration_and_cache(models, tmp_path):
-    plan = make_build_plan(models["fp32"], {"precision": "int8", "opt_batch": 4, "max_batch": 4}, TRT10)
-    with pytest.raises(EngineBuildError, match="calibrator"):
-        build_engine(models["fp32"], plan, trt=FakeTRT("10.3.0"), log=lambda m: None)
-    trt, alloc, cache = FakeTRT("10.3.0"), FakeAllocator(), tmp_path / "seg.calib"
-    images = (np.random.default_rng(1).random((5, 3, 8, 8)) for _ in range(2))  # float64, 10 samples
-    from export.tensorrt import calibrator_for_plan
-    calib = calibrator_for_plan(plan, images, cache, trt=trt, allocator=alloc)
-    assert calib.base_initialised  # the pybind11 base __init__ was called
-    build_engine(models["fp32"], plan, calib, trt=trt, log=lambda m: None)
-    assert len(trt.calibration_batches) == 2  # 10 samples -> 2 full batches of 4, 2 dropped
-    assert all(a.dtype == np.float32 and a.shape == (4, 3, 8, 8) for a in alloc.mem.values())
-    assert trt.named("config", "set_calibration_profile")
-    assert any(c[2] == "int8_calibrator" for c in trt.named("config", "set"))
-    assert cache.read_bytes() == b"CALIBRATION-TABLE" and alloc.freed
-    # Second build: calibration cache only, no data.
-    trt2 = FakeTRT("10.3.0")
-    calib2 = make_entropy_calibrator(None, cache, input_shapes={"x": (3, 8, 8)}, batch_size=4, trt=trt2)
-    build_engine(models["fp32"], plan, calib2, trt=trt2, log=lambda m: None)
-    assert trt2.calibration_batches == []
+def test_builder_trt10_int8_from_qdq_nodes(models):
+    plan = make_build_plan(models["qdq"], {"precision": "int8", "opt_batch": 4, "max_batch": 4}, TRT10)
+    trt = FakeTRT("10.3.0")
+    build_engine(models["qdq"], plan, trt=trt, log=lambda m: None)
+    assert [c[2] for c in trt.named("config", "set_flag")] == ["BuilderFlag.INT8"]
+    assert not any(c[2] == "int8_calibrator" for c in trt.named("config", "set"))
+    assert not trt.named("config", "set_calibration_profile")
+    trt11 = FakeTRT("11.4.1")  # strongly typed: the Q/DQ types decide, no flags at all
+    build_engine(models["qdq"], make_build_plan(models["qdq"], {"precision": "int8"}, TRT11),
+                 trt=trt11, log=lambda m: None)
+    assert trt11.named("config", "set_flag") == []
 
 
 def test_builder_trt11_strongly_typed(models, tmp_path):
@@ -477,18 +437,6 @@ def test_builder_refuses_version_mismatch_and_failed_build(models):
     renamed = dataclasses.replace(plan, inputs=(dataclasses.replace(plan.inputs[0], name="z"),))
     with pytest.raises(EngineBuildError, match="another ONNX"):
         build_engine(models["fp32"], renamed, trt=FakeTRT("10.3.0"), log=lambda m: None)
-
-
-def test_calibration_feeder_rechunks_and_validates():
-    feeder = CalibrationFeeder((np.ones((3, 2), np.float64) * i for i in range(3)), None,
-                               input_shapes={"x": (2,)}, batch_size=4, allocator=FakeAllocator())
-    chunks = [feeder.next_batch() for _ in range(3)]
-    assert chunks[0]["x"].shape == (4, 2) and chunks[0]["x"].dtype == np.float32
-    assert chunks[1]["x"].shape == (4, 2) and chunks[2] is None  # 9 samples -> 2 batches
-    with pytest.raises(Exception, match=r"expected \(N, 3, 8, 8\)"):
-        CalibrationFeeder([np.zeros((4, 3, 4, 4))], None, input_shapes={"x": (3, 8, 8)}, batch_size=4)
-    with pytest.raises(Exception, match="no cache"):
-        CalibrationFeeder(None, "/nonexistent/c.calib", input_shapes={"x": (3,)}, batch_size=1)
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -586,3 +534,24 @@ def test_shipped_device_profiles_make_valid_plans(models, name):
     plan = make_build_plan(models["fp32"], options, version,
                            compute_capability=profile.hardware.gpu_compute_capability)
     assert plan.builder_flags == ("FP16",) and plan.profiles[0].max[0] == options["max_batch"]
+
+
+def test_compile_plans_trt11_fp16_as_a_conversion(models):
+    """`pipeline compile` for a TensorRT 11 profile with precision fp16 (or --trt-precision fp16)
+    plans an AutoCast conversion that `pipeline engines` runs on the device, instead of failing."""
+    from devices import load_profile
+    from devices.profile import validate_profile
+    from export.tensorrt.backend import build_plan
+    from pipeline.export_cmd import with_tensorrt_precision
+
+    raw = load_profile("nvidia-gpu").to_dict()
+    raw["software"]["tensorrt_major"] = 11
+    profile = validate_profile(raw)
+    plan = build_plan(profile, models["fp32"])
+    assert plan.trt_major == 11 and plan.precision == "fp16" and plan.onnx_conversion == "fp16"
+    best = build_plan(with_tensorrt_precision(profile, "best"), models["fp32"])
+    assert best.precision == "best"
+    fp32 = build_plan(with_tensorrt_precision(profile, "fp32"), models["fp32"])
+    assert fp32.onnx_conversion is None
+    trt10 = build_plan(load_profile("nvidia-gpu"), models["fp32"])  # unchanged on TensorRT 10
+    assert trt10.builder_flags == ("FP16",) and trt10.onnx_conversion is None

@@ -457,7 +457,7 @@ def test_runtime_cache_logic_matches_export(tmp_path):
     assert engine_cache_key("sm87", (10, 3, 0), "AB" * 32, "cd" * 32) == key
     onnx_path = tmp_path / "p.onnx"
     onnx.save(_piece_onnx(0), str(onnx_path))
-    for opts, version in [(OPTS, (10, 3, 0)), ({"precision": "int8"}, (10, 3, 0)),
+    for opts, version in [(OPTS, (10, 3, 0)), ({"precision": "best"}, (10, 3, 0)),
                           ({"precision": "best", "workspace_mb": 64}, (11, 4, 1))]:
         plan = make_build_plan(onnx_path, opts, version, allow_fp16_conversion=True)
         assert rc.plan_hash_of(plan.to_dict()) == plan.plan_hash()

@@ -14,12 +14,6 @@ from export.tensorrt.cache import (
     require_engine,
     sha256_file,
 )
-from export.tensorrt.calibrator import (
-    CalibrationFeeder,
-    CudaPythonAllocator,
-    calibrator_for_plan,
-    make_entropy_calibrator,
-)
 from export.tensorrt.config import (
     EngineBuildError,
     EngineBuildPlan,
@@ -44,12 +38,12 @@ from export.tensorrt.config import (
 from export.tensorrt.detect import gpu_compute_capability, tensorrt_version
 
 __all__ = [
-    "BuiltEngine", "CalibrationFeeder", "CudaPythonAllocator", "ENGINES_DIR", "EngineBuildError",
+    "BuiltEngine", "ENGINES_DIR", "EngineBuildError",
     "EngineBuildPlan", "EngineCache", "EngineNotBuiltError", "Fp16OnnxRequiredError", "InputSpec",
     "OnnxInfo", "QdqOnnxRequiredError", "ShapeProfile", "TensorRTConfigError", "TensorRTError",
     "TensorRTOptions", "TensorRTUnavailableError", "build_bundle_engines", "build_engine",
-    "calibrator_for_plan", "convert_onnx_to_fp16", "device_dir_name", "engine_cache_key",
-    "gpu_compute_capability", "inspect_onnx", "make_build_plan", "make_entropy_calibrator",
+    "convert_onnx_to_fp16", "device_dir_name", "engine_cache_key",
+    "gpu_compute_capability", "inspect_onnx", "make_build_plan",
     "normalize_compute_capability", "parse_trt_version", "require_engine", "require_tensorrt",
     "sha256_file", "sm_tag", "tensorrt_version", "validate_options",
 ]

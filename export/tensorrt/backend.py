@@ -34,12 +34,19 @@ def target_name(profile) -> str:
 
 
 def build_plan(profile, onnx_path: Path):
-    """The engine build plan of one piece's ONNX for this profile (raises ValueError if none)."""
+    """The engine build plan of one piece's ONNX for this profile (raises ValueError if none).
+
+    FP16 on TensorRT >= 11 with an FP32-only ONNX is planned as a conversion
+    (``onnx_conversion = "fp16"``): `pipeline engines` runs ModelOpt AutoCast
+    (:func:`export.tensorrt.convert_onnx_to_fp16`) on the device before building, so a TensorRT
+    11 profile with ``precision = "fp16"`` (or ``pipeline compile --trt-precision fp16``) works
+    from the command line. TensorRT 10 plans are unchanged (FP16 is a builder flag there)."""
     from export.tensorrt import make_build_plan
 
     return make_build_plan(onnx_path, profile.backend("tensorrt").options,
                            f"{profile.software.tensorrt_major}",
-                           compute_capability=profile.hardware.gpu_compute_capability)
+                           compute_capability=profile.hardware.gpu_compute_capability,
+                           allow_fp16_conversion=True)
 
 
 def compile_piece(profile, onnx_path: Path, root: Path, piece_id: str, *, onnx_rel: str,

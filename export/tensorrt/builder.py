@@ -14,15 +14,16 @@ TensorRT Python calls used (present in 10.x and 11.x unless noted): ``trt.Logger
 ``config.builder_optimization_level``, ``config.default_device_type = trt.DeviceType.DLA``,
 ``config.DLA_core``, ``profile.set_shape(name, min, opt, max)``, ``config.add_optimization_profile``,
 ``config.create_timing_cache(bytes)``, ``config.set_timing_cache(cache, ignore_mismatch)``,
-``cache.serialize()``; TensorRT 10 only: ``config.int8_calibrator``,
-``config.set_calibration_profile(profile)``; ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
-(the default, and ignored, in 11).
+``cache.serialize()``; ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (the default, and
+ignored, in 11). INT8 is explicit quantization only: the ONNX carries Q/DQ nodes (``pipeline
+compile --precision int8``, :mod:`export.quantize`) and the parser reads them; no
+``int8_calibrator`` (implicit calibration was deprecated in TensorRT 10.1 and removed in 11).
 """
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,12 @@ def _member(trt, enum_name: str, member: str):
     return value
 
 
-def build_engine(onnx_path: str | Path, plan: EngineBuildPlan, calibrator: Any = None,
+def build_engine(onnx_path: str | Path, plan: EngineBuildPlan,
                  timing_cache_path: str | Path | None = None,
                  log: Callable[[str], None] | None = None, *, trt=None, verbose: bool = False) -> bytes:
     """Parse ``onnx_path``, apply ``plan`` and return the serialized engine bytes.
 
-    ``calibrator``: an ``IInt8EntropyCalibrator2`` (see ``calibrator.py``); required when
-    ``plan.needs_calibrator`` (TensorRT 10, INT8, no Q/DQ in the ONNX), ignored otherwise.
+    INT8 comes from the Q/DQ nodes of the ONNX (explicit quantization), never a calibrator.
     ``timing_cache_path``: read (if present) and rewritten when ``plan.timing_cache``.
     """
     trt = trt if trt is not None else require_tensorrt()
@@ -144,24 +144,11 @@ def build_engine(onnx_path: str | Path, plan: EngineBuildPlan, calibrator: Any =
         config.default_device_type = _member(trt, "DeviceType", "DLA")
         config.DLA_core = int(plan.dla_core)
 
-    profile = None
     if plan.profiles:
         profile = builder.create_optimization_profile()
         for p in plan.profiles:
             profile.set_shape(p.name, tuple(p.min), tuple(p.opt), tuple(p.max))
         config.add_optimization_profile(profile)
-
-    if plan.needs_calibrator:
-        if calibrator is None:
-            raise EngineBuildError(
-                "tensorrt option 'precision': INT8 on TensorRT 10 without Q/DQ nodes in the ONNX needs an "
-                "INT8 calibrator (validation batches or a calibration cache); pass one, or ship a "
-                "ModelOpt-quantized (Q/DQ) ONNX")
-        config.int8_calibrator = calibrator
-        if profile is not None:
-            config.set_calibration_profile(profile)  # calibration runs at the profile's opt shape
-    elif calibrator is not None:
-        log("an INT8 calibrator was given but the plan does not use one; ignoring it")
 
     timing_cache = None
     if plan.timing_cache:
@@ -179,9 +166,6 @@ def build_engine(onnx_path: str | Path, plan: EngineBuildPlan, calibrator: Any =
     log(f"building TensorRT {version_str(plan.trt_version)} engine from {onnx_path.name} "
         f"(precision={plan.precision}, flags={list(plan.builder_flags)}, device={plan.default_device_type})")
     serialized = builder.build_serialized_network(network, config)
-    calib_error = getattr(calibrator, "error", None) if calibrator is not None else None
-    if calib_error is not None:
-        raise EngineBuildError(f"INT8 calibration failed: {calib_error}") from calib_error
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log)")
     engine = _to_bytes(serialized)
@@ -204,21 +188,16 @@ class BuiltEngine:
 def build_bundle_engines(bundle_dir: str | Path, profile_options: Mapping[str, Any],
                          pieces: Sequence[tuple[str, str | Path]], *, trt=None,
                          compute_capability: Any = None,
-                         calibration_data: Callable[[str, EngineBuildPlan], Iterable[Any]] | None = None,
                          fp16_converter: Callable[[Path, Path], Any] | None = None,
-                         force: bool = False, log: Callable[[str], None] | None = None,
-                         calibrator_kwargs: Mapping[str, Any] | None = None) -> list[BuiltEngine]:
+                         force: bool = False, log: Callable[[str], None] | None = None) -> list[BuiltEngine]:
     """Build (or reuse) the engine of every ``(piece_id, onnx_path)`` into ``bundle_dir/engines/``.
 
     What ``pipeline engines --bundle B`` runs on the device. ``profile_options`` is the device
-    profile's ``tensorrt`` options dict. ``calibration_data(piece_id, plan)`` yields numpy batches
-    for TensorRT 10 implicit INT8 (for a segment after the first, these are the *features* that
-    the previous segments produce on validation images). ``fp16_converter(src, dst)`` (e.g.
+    profile's ``tensorrt`` options dict. INT8 pieces are QDQ ONNX files (explicit quantization,
+    :mod:`export.quantize`); there is no calibration step here. ``fp16_converter(src, dst)`` (e.g.
     :func:`export.tensorrt.convert_onnx_to_fp16`) is used on TensorRT >= 11 when FP16 is
     requested for an FP32-only ONNX. Up-to-date engines are kept unless ``force``.
     """
-    from export.tensorrt.calibrator import calibrator_for_plan
-
     trt = trt if trt is not None else require_tensorrt()
     log = log or _default_log
     version = tensorrt_version(trt)
@@ -242,7 +221,6 @@ def build_bundle_engines(bundle_dir: str | Path, profile_options: Mapping[str, A
             continue
         for note in plan.notes:
             log(f"{piece_id}: {note}")
-        calibrator = None
         with tempfile.TemporaryDirectory(prefix="trt-onnx-") as tmp:
             build_onnx = onnx_path
             if plan.onnx_conversion == "fp16":
@@ -250,17 +228,8 @@ def build_bundle_engines(bundle_dir: str | Path, profile_options: Mapping[str, A
                 fp16_converter(onnx_path, build_onnx)
                 if not inspect_onnx(build_onnx).has_fp16:
                     raise TensorRTError(f"{piece_id}: the FP16 converter produced no FP16 tensors in {build_onnx}")
-            if plan.needs_calibrator:
-                calib_cache = cache.calibration_cache_path(piece_id)
-                batches = calibration_data(piece_id, plan) if calibration_data is not None else None
-                calibrator = calibrator_for_plan(plan, batches, calib_cache, trt=trt, log=log,
-                                                 **dict(calibrator_kwargs or {}))
-            try:
-                engine = build_engine(build_onnx, plan, calibrator,
-                                      cache.timing_cache_path if plan.timing_cache else None, log, trt=trt)
-            finally:
-                if calibrator is not None and hasattr(calibrator, "free"):
-                    calibrator.free()
+            engine = build_engine(build_onnx, plan,
+                                  cache.timing_cache_path if plan.timing_cache else None, log, trt=trt)
         path = cache.store(piece_id, engine, key, onnx_sha256=onnx_sha, plan=plan,
                            extra={"onnx_file": onnx_path.name, "onnx_conversion": plan.onnx_conversion})
         log(f"{piece_id}: stored {len(engine)} bytes at {path}")

@@ -4,14 +4,16 @@ Nothing here imports ``tensorrt``. :func:`make_build_plan` turns the ``tensorrt`
 device profile, the facts read from the ONNX file (:func:`inspect_onnx`) and the TensorRT version
 of the *target device* into an :class:`EngineBuildPlan` that lists exactly what the builder will
 apply: network creation flags (strong typing), builder flags, memory-pool limits, optimization
-profiles, DLA settings, whether an INT8 calibrator is needed. Every combination TensorRT would
+profiles, DLA settings. Every combination TensorRT would
 reject (or silently mis-handle) is refused here with an error that names the option and the fix.
 
 TensorRT 10 vs 11 (checked against NVIDIA's 10.x -> 11.x migration guide):
 
 * 10.x: weakly typed networks by default; precision is *enabled* with ``BuilderFlag.FP16`` /
-  ``BuilderFlag.INT8``; implicit INT8 needs an ``IInt8EntropyCalibrator2`` (deprecated since 10.1,
-  still present) unless the ONNX carries Q/DQ nodes (explicit quantization).
+  ``BuilderFlag.INT8``. INT8 here is explicit quantization only: the ONNX carries Q/DQ nodes
+  (``pipeline compile --precision int8``, :mod:`export.quantize`). Implicit INT8 with an
+  ``IInt8EntropyCalibrator2`` (deprecated since 10.1, removed in 11) is not supported, so one
+  QDQ ONNX serves TensorRT 10, TensorRT 11, ONNX Runtime and TVM alike.
 * 11.x: every network is strongly typed (``STRONGLY_TYPED`` is the default; the flag is accepted
   and ignored). ``BuilderFlag.FP16/INT8/BF16/FP8``, ``int8_calibrator`` and the calibration profile
   were removed: precision comes from the ONNX tensor types (ModelOpt AutoCast for FP16, ModelOpt
@@ -288,8 +290,6 @@ class EngineBuildPlan:
     dla_core: int | None = None
     builder_optimization_level: int | None = None
     timing_cache: bool = False
-    needs_calibrator: bool = False
-    calibration_batch: int | None = None
     onnx_has_qdq: bool = False
     onnx_has_fp16: bool = False
     onnx_conversion: str | None = None  # "fp16": run an AutoCast hook on the ONNX before building
@@ -311,11 +311,11 @@ class EngineBuildPlan:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _input_specs(info: OnnxInfo, opts: TensorRTOptions) -> tuple[tuple[InputSpec, ...], tuple[ShapeProfile, ...], int]:
+def _input_specs(info: OnnxInfo, opts: TensorRTOptions) -> tuple[tuple[InputSpec, ...], tuple[ShapeProfile, ...]]:
     if not info.inputs:
         raise TensorRTConfigError(None, "the ONNX model has no graph inputs")
     lo, opt, hi = opts.batch_range()
-    specs, profiles, calib_batch = [], [], None
+    specs, profiles = [], []
     for inp in info.inputs:
         if not inp.dims:
             raise TensorRTConfigError(None, f"ONNX input '{inp.name}' is a scalar; expected a batch axis")
@@ -335,12 +335,10 @@ def _input_specs(info: OnnxInfo, opts: TensorRTOptions) -> tuple[tuple[InputSpec
                          f"min/opt/max = {lo}/{opt}/{hi}; re-export the segment with a dynamic batch axis "
                          f"or set min_batch = opt_batch = max_batch = {batch}")
             specs.append(InputSpec(inp.name, sample, inp.dtype, False, batch))
-            calib_batch = calib_batch or batch
         else:
             specs.append(InputSpec(inp.name, sample, inp.dtype, True, None))
             profiles.append(ShapeProfile(inp.name, (lo, *sample), (opt, *sample), (hi, *sample)))
-            calib_batch = opt
-    return tuple(specs), tuple(profiles), calib_batch or 1
+    return tuple(specs), tuple(profiles)
 
 
 def make_build_plan(onnx: str | Path | Any | OnnxInfo,
@@ -365,12 +363,11 @@ def make_build_plan(onnx: str | Path | Any | OnnxInfo,
                                         "(Xavier, TensorRT 8.5) should use the onnxruntime backend")
     onnx_name = Path(info.path).name if info.path else "model.onnx"
     stem = Path(onnx_name).stem
-    specs, profiles, calib_batch = _input_specs(info, opts)
+    specs, profiles = _input_specs(info, opts)
     notes: list[str] = []
     flags: list[str] = []
     precision = opts.precision
     dla = opts.dla_core is not None
-    needs_calibrator = False
     conversion = None
 
     if dla:
@@ -393,17 +390,21 @@ def make_build_plan(onnx: str | Path | Any | OnnxInfo,
                 "precision", f"'{precision}' but {onnx_name} contains QuantizeLinear/DequantizeLinear "
                              "nodes (explicit quantization); set precision to 'int8' or 'best', or ship "
                              "the unquantized ONNX")
+        if precision == "int8" and not info.has_qdq:
+            raise QdqOnnxRequiredError(
+                "precision", f"'int8' needs an explicitly quantized ONNX (QuantizeLinear/"
+                             f"DequantizeLinear nodes) but {onnx_name} has none; implicit INT8 "
+                             "calibration is not supported (deprecated in TensorRT 10.1, removed in "
+                             "11). Ship a static QDQ ONNX (export.quantize.quantize_piece, what "
+                             "`pipeline compile --precision int8` builds) or quantize with ModelOpt: "
+                             f"`{MODELOPT_QUANTIZE_CMD.format(onnx=onnx_name, stem=stem)}`")
         if precision in ("fp16", "best"):
             flags.append("FP16")
-        if precision in ("int8", "best"):
+        if precision == "int8" or (precision == "best" and info.has_qdq):
             flags.append("INT8")
-            if info.has_qdq:
-                notes.append("explicit quantization: the ONNX carries Q/DQ nodes, no calibrator is used")
-            else:
-                needs_calibrator = True
-                notes.append("implicit INT8: an IInt8EntropyCalibrator2 (or its calibration cache) is "
-                             "required; it is deprecated since TensorRT 10.1 and removed in 11 - prefer "
-                             "a Q/DQ ONNX from ModelOpt")
+            notes.append("explicit quantization: INT8 from the Q/DQ nodes of the ONNX")
+        elif precision == "best":
+            notes.append("'best' on an ONNX without Q/DQ nodes: FP16 only (INT8 needs a QDQ ONNX)")
         if dla:
             if precision == "fp32":
                 raise TensorRTConfigError(
@@ -445,7 +446,7 @@ def make_build_plan(onnx: str | Path | Any | OnnxInfo,
                 "precision", f"'int8' on TensorRT {version_str(version)} needs an explicitly quantized ONNX "
                              f"(QuantizeLinear/DequantizeLinear nodes) but {onnx_name} has none; implicit "
                              "INT8 calibration (BuilderFlag.INT8 + calibrator) was removed in 11.0. "
-                             "Quantize it with ModelOpt: "
+                             "Quantize it with export.quantize.quantize_piece (static QDQ) or ModelOpt: "
                              f"`{MODELOPT_QUANTIZE_CMD.format(onnx=onnx_name, stem=stem)}`")
         if precision == "best":
             if not (info.has_fp16 or info.has_qdq):
@@ -493,8 +494,6 @@ def make_build_plan(onnx: str | Path | Any | OnnxInfo,
         dla_core=opts.dla_core,
         builder_optimization_level=opts.builder_optimization_level,
         timing_cache=opts.timing_cache,
-        needs_calibrator=needs_calibrator,
-        calibration_batch=calib_batch if needs_calibrator else None,
         onnx_has_qdq=info.has_qdq,
         onnx_has_fp16=info.has_fp16,
         onnx_conversion=conversion,
