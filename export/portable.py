@@ -162,7 +162,8 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
     model = model.float().eval()
     S = model.num_stages
     name = model_name or getattr(model, "model_name", type(model).__name__)
-    plan: SegmentPlan = segment_plan(S, granularity)
+    plan: SegmentPlan = segment_plan(S, granularity,
+                                     head_twins=bool(getattr(model, "exit_norm_twins", False)))
     x = parity_inputs.float().contiguous()
     expected = (model.in_chans, model.img_size, model.img_size)
     if tuple(x.shape[1:]) != expected:

@@ -110,7 +110,7 @@ def _enter(model: AdaptiveDepthNet, k: int, h: Tensor) -> Tensor:
 def _stage_fn(k: int, skip: bool, last: bool):
     def fn(model: AdaptiveDepthNet, h: Tensor):
         h = model.forward_stage(k, _enter(model, k, h), skip)
-        logits = model.forward_head(k, h)
+        logits = model.forward_head_for(k, h, skip)
         return logits if last else (h, logits)
     return fn
 
@@ -127,9 +127,9 @@ def _skippable_fn(k: int):
     return fn
 
 
-def _head_fn(k: int):
+def _head_fn(k: int, skipped: bool = False):
     def fn(model: AdaptiveDepthNet, h: Tensor):
-        return model.forward_head(k, h)
+        return model.forward_head_for(k, h, skipped)
     return fn
 
 
@@ -145,8 +145,9 @@ def stage_pieces(num_stages: int) -> list[PieceDef]:
     return pieces
 
 
-def split_pieces(num_stages: int) -> list[PieceDef]:
-    """Mandatory / mandatory-with-twin-norms / skippable / head pieces per stage."""
+def split_pieces(num_stages: int, head_twins: bool = False) -> list[PieceDef]:
+    """Mandatory / mandatory-with-twin-norms / skippable / head pieces per stage
+    (``head_twins``: a ``head{k}.skip`` piece too, for heads with per-variant norms)."""
     pieces = []
     for k in range(num_stages):
         pieces += [
@@ -158,16 +159,22 @@ def split_pieces(num_stages: int) -> list[PieceDef]:
                      _skippable_fn(k)),
             PieceDef(f"head{k}", "head", k, None, features_name(k), [LOGITS], _head_fn(k)),
         ]
+        if head_twins and k < num_stages - 1:
+            pieces.append(PieceDef(f"head{k}.skip", "head", k, True, features_name(k), [LOGITS],
+                                   _head_fn(k, True)))
     return pieces
 
 
-def segment_plan(num_stages: int, granularity: str = DEFAULT_GRANULARITY) -> SegmentPlan:
-    """Pieces and execution plans for all 2^S skip configs of an S-stage model."""
+def segment_plan(num_stages: int, granularity: str = DEFAULT_GRANULARITY,
+                 head_twins: bool = False) -> SegmentPlan:
+    """Pieces and execution plans for all 2^S skip configs of an S-stage model
+    (``head_twins``: the exit heads keep per-variant norms, see ``forward_head_for``)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
     if num_stages < 1:
         raise ValueError(f"a model needs at least one stage, got {num_stages}")
-    pieces = stage_pieces(num_stages) if granularity == "stage" else split_pieces(num_stages)
+    pieces = (stage_pieces(num_stages) if granularity == "stage"
+              else split_pieces(num_stages, head_twins))
     execution: dict[str, list[list[str]]] = {}
     for cfg in all_skip_configs(num_stages):
         segs = []
@@ -175,7 +182,8 @@ def segment_plan(num_stages: int, granularity: str = DEFAULT_GRANULARITY) -> Seg
             if granularity == "stage":
                 segs.append([f"stage{k}.{'skip' if skip else 'full'}"])
             elif skip:
-                segs.append([f"stage{k}.mandatory_skipnorm", f"head{k}"])
+                head = f"head{k}.skip" if head_twins and k < num_stages - 1 else f"head{k}"
+                segs.append([f"stage{k}.mandatory_skipnorm", head])
             else:
                 segs.append([f"stage{k}.mandatory", f"stage{k}.skippable", f"head{k}"])
         execution[skip_to_str(cfg)] = segs

@@ -525,6 +525,8 @@ def _export_run(ctx: _Ctx, input_hash: str) -> dict:
     ckpt = checkpoint_path(ctx)
     e = cfg.export
     with atomic_directory(paths.export, overwrite=True) as tmp:
+        if e.exit_norms == "per-variant":
+            ckpt = _per_variant_exit_norms(ctx, ckpt, tmp / "model-exit-norms.pt")
         export_checkpoint(ckpt, tmp / "portable", opset=e.opset, parity_samples=e.parity_samples,
                           progress=log, granularity=e.granularity, exporter=e.exporter,
                           data_root=cfg.train.data_root)
@@ -537,6 +539,39 @@ def _export_run(ctx: _Ctx, input_hash: str) -> dict:
             f"{info['macs'] / 1e6:.2f} MMACs  max|onnx-torch| {info['max_logits_diff']:.1e}")
     return {"portable_manifest": sha256_file(paths.portable / "manifest.json"),
             "monolithic": sha256_file(paths.monolithic), "mono_macs": info["macs"]}
+
+
+def _per_variant_exit_norms(ctx: _Ctx, ckpt: Path, out: Path) -> Path:
+    """The checkpoint with exit-head norm statistics re-estimated per stage variant on training
+    images (train/exit_norms.py), written to ``out``; ``ckpt`` itself when the model has no
+    such norms."""
+    import torch
+
+    from train.checkpoint import load_checkpoint, save_checkpoint
+    from train.data import load_dataset
+    from train.exit_norms import recalibrate_exit_norms, supports_exit_norm_twins
+    from train.models import create_model
+
+    state = load_checkpoint(ckpt)
+    model = create_model(state["model_name"], **state["model_config"])
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    if not supports_exit_norm_twins(model) or getattr(model, "exit_norm_twins", False):
+        return ckpt
+    t, e = ctx.cfg.train, ctx.cfg.export
+    ds = load_dataset(t.data, t.data_root, val_fraction=t.val_fraction, split_seed=t.split_seed,
+                      img_size=(state.get("dataset") or {}).get("img_size"))
+    n = min(e.exit_norm_images, len(ds.train))
+    idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))[:n]
+    images, _ = ds.train.get_batch(idx.sort().values)
+    t0 = time.perf_counter()
+    with _torch_single_thread():
+        new = recalibrate_exit_norms(model.eval(), images, ds.mean, ds.std)
+    state = {**state, "model": new.state_dict(), "model_config": new.model_config(),
+             "ema": None, "exit_norms": {"per_variant": True, "images": n, "split": "train"}}
+    save_checkpoint(state, out)
+    ctx.log(f"exit-head norms re-estimated per stage variant on {n} training images "
+            f"({time.perf_counter() - t0:.1f} s)")
+    return out
 
 
 def _bundle_ok(path: Path, sha: Optional[str] = None) -> bool:

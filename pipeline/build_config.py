@@ -85,6 +85,9 @@ class ExportSection:
     granularity: str = "stage"        # stage | split
     exporter: str = "torchscript"     # torchscript | dynamo
     parity_samples: int = 64
+    exit_norms: str = "per-variant"   # per-variant: exit-head norm statistics re-estimated per
+                                      # stage variant after training (train/exit_norms.py); shared
+    exit_norm_images: int = 4000      # training images for that
 
     def validate(self, v: Optional[Validator] = None, p: str = "export") -> None:
         v = _v(v)
@@ -92,6 +95,8 @@ class ExportSection:
         v.enum(self.granularity, f"{p}.granularity", ("stage", "split"))
         v.enum(self.exporter, f"{p}.exporter", ("torchscript", "dynamo"))
         v.int_(self.parity_samples, f"{p}.parity_samples", lo=1)
+        v.enum(self.exit_norms, f"{p}.exit_norms", ("per-variant", "shared"))
+        v.int_(self.exit_norm_images, f"{p}.exit_norm_images", lo=1)
 
 
 @dataclass

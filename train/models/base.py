@@ -67,6 +67,11 @@ class AdaptiveDepthNet(nn.Module, ABC):
     def forward_head(self, k: int, h: Tensor) -> Tensor:
         """Exit head k: features after stage k -> logits (N, num_classes)."""
 
+    def forward_head_for(self, k: int, h: Tensor, skipped: bool) -> Tensor:
+        """Exit head k after stage k ran with (``skipped=False``) or without its skippable
+        sub-path; models whose heads keep per-variant norm statistics override it."""
+        return self.forward_head(k, h)
+
     def forward_stage(self, k: int, h: Tensor, skip: bool) -> Tensor:
         h = self.forward_mandatory(k, h, skip)
         return h if skip else self.forward_skippable(k, h)
@@ -92,7 +97,7 @@ class AdaptiveDepthNet(nn.Module, ABC):
                 if return_increments:
                     increments.append(_relative_norm(out - h, h))
                 h = out
-            logits.append(self.forward_head(k, h))
+            logits.append(self.forward_head_for(k, h, skip[k]))
         return (logits, increments) if return_increments else logits
 
     def model_config(self) -> dict:

@@ -29,6 +29,18 @@ class SkipAwareBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor, skipping: bool = False) -> Tensor:  # type: ignore[override]
         return self.twin(x) if skipping else super().forward(x)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # a state dict from before this norm had a twin (a plain BatchNorm2d's): the twin starts
+        # as a copy of the main norm
+        twin = prefix + "twin."
+        if prefix + "weight" in state_dict and not any(k.startswith(twin) for k in state_dict):
+            for key in self.twin.state_dict():
+                if prefix + key in state_dict:
+                    state_dict[twin + key] = state_dict[prefix + key].clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
 
 class SkipAwareLayerNorm(nn.LayerNorm):
     """LayerNorm with a ``twin`` LayerNorm used only while the stage's skippable path is skipped."""
@@ -72,11 +84,15 @@ class ConvExitHead(nn.Module):
     passes through stay cheap next to the trunk (a few % of ResNet-20's MACs).
     """
 
-    def __init__(self, in_chs: int, num_classes: int, conv: bool = True, width: int | None = None) -> None:
+    def __init__(self, in_chs: int, num_classes: int, conv: bool = True, width: int | None = None,
+                 norm_twins: bool = False) -> None:
         super().__init__()
         width = width or in_chs  # channels the classifier sees: a wider conv lifts a thin early exit
+        # norm_twins: the head's BatchNorm keeps separate statistics for the skip variant of its
+        # stage (SkipAwareBatchNorm2d), so the two variants' features are not normalised alike
+        norm = SkipAwareBatchNorm2d(width) if norm_twins else nn.BatchNorm2d(width)
         self.conv = nn.Sequential(
-            nn.Conv2d(in_chs, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(in_chs, width, 3, stride=2, padding=1, bias=False), norm, nn.ReLU(inplace=True),
         ) if conv else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width if conv else in_chs, num_classes)
@@ -92,8 +108,11 @@ class ConvExitHead(nn.Module):
             elif isinstance(m, nn.Linear):
                 m.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
+    def forward(self, x: Tensor, skipping: bool = False) -> Tensor:
+        if isinstance(self.conv, nn.Sequential):
+            conv, norm, act = self.conv
+            x = act(apply_norm(norm, conv(x), skipping))
+        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 class TokenExitHead(nn.Module):

@@ -96,12 +96,15 @@ class ResNetADN(AdaptiveDepthNet):
         cifar_stem: 3x3 stride-1 stem without max-pool (CIFAR/Fashion-MNIST) instead of 7x7/2 + pool.
         exit_conv: intermediate exits get a 3x3 conv-BN-ReLU before pooling.
         zero_init_residual: zero the last BN gamma of every block (and its twin).
+        exit_norm_twins: the intermediate exit heads' BatchNorm keeps separate statistics for
+            the skip variant of their stage (set by ``train.exit_norms.recalibrate_exit_norms``
+            after training; training itself runs without).
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  widths: Sequence[int], num_classes: int = 10, in_chans: int = 3, img_size: int = 224,
                  cifar_stem: bool = False, exit_conv: bool = False, exit_width_mult: int = 1,
-                 zero_init_residual: bool = True) -> None:
+                 zero_init_residual: bool = True, exit_norm_twins: bool = False) -> None:
         super().__init__()
         if len(layers) != len(widths):
             raise ValueError(f"layers {list(layers)} and widths {list(widths)} differ in length")
@@ -134,7 +137,9 @@ class ResNetADN(AdaptiveDepthNet):
             self.add_module(f"layer{k + 1}", nn.Sequential(*blocks))
             self.stage_chs.append(in_chs)
 
-        self.exits = nn.ModuleList(ConvExitHead(c, num_classes, conv=exit_conv, width=c * self.exit_width_mult)
+        self.exit_norm_twins = bool(exit_norm_twins)
+        self.exits = nn.ModuleList(ConvExitHead(c, num_classes, conv=exit_conv, width=c * self.exit_width_mult,
+                                                norm_twins=self.exit_norm_twins)
                                    for c in self.stage_chs[:-1])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_chs, num_classes)
@@ -177,13 +182,19 @@ class ResNetADN(AdaptiveDepthNet):
         return h
 
     def forward_head(self, k: int, h: Tensor) -> Tensor:
+        return self.forward_head_for(k, h, False)
+
+    def forward_head_for(self, k: int, h: Tensor, skipped: bool) -> Tensor:
         if k == self.num_stages - 1:
             return self.fc(torch.flatten(self.avgpool(h), 1))
-        return self.exits[k](h)
+        return self.exits[k](h, skipped)
 
     def model_config(self) -> dict:
-        return {**super().model_config(), "exit_conv": self.exit_conv,
-                "exit_width_mult": self.exit_width_mult, "zero_init_residual": self.zero_init_residual}
+        cfg = {**super().model_config(), "exit_conv": self.exit_conv,
+               "exit_width_mult": self.exit_width_mult, "zero_init_residual": self.zero_init_residual}
+        if self.exit_norm_twins:  # only when set: earlier checkpoints' configs stay as they were
+            cfg["exit_norm_twins"] = True
+        return cfg
 
 
 def _resnet(block, layers, widths, cifar: bool, num_classes: int = 10, in_chans: int = 3,
