@@ -623,7 +623,7 @@ def resolve_backends(ctx: _Ctx) -> tuple[list[str], dict[str, str]]:
 def _compile_inputs(ctx: _Ctx) -> dict:
     backends, _ = resolve_backends(ctx)
     d = {"device_profile": ctx.device_profile_for_compile().to_dict(), "backends": backends,
-         "tune_trials": ctx.cfg.build.tune_trials,
+         "tune_trials": ctx.cfg.build.tune_trials, "precision": build_precision(ctx),
          "portable_manifest": ctx.outputs["export"]["portable_manifest"],
          "code": code_hash("export", "devices")}
     if not ctx.is_host:
@@ -639,19 +639,45 @@ def _compile_run(ctx: _Ctx, input_hash: str) -> dict:
     backends, skipped = resolve_backends(ctx)
     for b, why in skipped.items():
         log(f"skip    {b}: {why}")
+    precision = build_precision(ctx)
+    quant: dict[str, Any] = {}
+    if precision == "int8":
+        quant = {"precision": "int8", "calib_images": _quantize_images(ctx)}
+        log(f"precision int8: every onnxruntime piece quantized (static QDQ) on "
+            f"{len(quant['calib_images'])} validation images, kept where measured faster")
     with atomic_directory(paths.compiled, overwrite=True) as tmp:
         compile_bundle(paths.portable, ctx.device_profile_for_compile(), backends=backends,
-                       out_dir=tmp / "device", tune_trials=ctx.cfg.build.tune_trials, progress=log)
+                       out_dir=tmp / "device", tune_trials=ctx.cfg.build.tune_trials, progress=log,
+                       **quant)
         if not ctx.is_host:
             log(f"host bundle: the same pieces for this machine ({ctx.host_profile.name}), "
                 "for the measured numbers")
             compile_bundle(paths.portable, ctx.host_profile, backends=["onnxruntime"],
-                           out_dir=tmp / "host", progress=log)
+                           out_dir=tmp / "host", progress=log, **quant)
     out = {"device": sha256_file(paths.compiled / "device" / "manifest.json"),
            "backends": backends, "skipped": skipped}
     if not ctx.is_host:
         out["host"] = sha256_file(paths.compiled / "host" / "manifest.json")
     return out
+
+
+def build_precision(ctx: _Ctx) -> str:
+    """fp32 or int8: ``[build].precision``, or the device profile's for "auto"."""
+    p = ctx.cfg.build.precision
+    if p == "auto":
+        p = getattr(ctx.device_profile_for_compile(), "precision", None) or "fp32"
+    return p
+
+
+def _quantize_images(ctx: _Ctx, n: int = 1024):
+    """uint8 NHWC validation images for the INT8 calibration and agreement checks."""
+    from pipeline.runtime_cmd import split_arrays
+    from train.data import load_dataset
+
+    t = ctx.cfg.train
+    ds = load_dataset(t.data, t.data_root, val_fraction=t.val_fraction, split_seed=t.split_seed)
+    x, _ = split_arrays(ds.val if len(ds.val) else ds.test, n)
+    return x
 
 
 def _bundles_ok(base: Path, out: dict, names=("device", "host")) -> bool:
@@ -768,7 +794,7 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
         for role, bdir, measured in roles:
             t0 = time.perf_counter()
             rec = _calibrate_bundle(ctx, bdir, probs, y, skip_accuracy, data_name,
-                                    measured=measured, model=model, same=bdir == here)
+                                    measured=measured, model=model, same=bdir == here, images=x)
             summary["bundles"][role] = rec
             log(f"calibrate {role} bundle: {rec['rule']} on {rec['skip_config']} with "
                 f"{rec['costs_kind']} costs ({rec['cost_source']}): val accuracy "
@@ -796,7 +822,7 @@ def _table_backend(manifest, device: str) -> Optional[str]:
 
 
 def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict, data_name: str,
-                      *, measured: bool, model, same: bool) -> dict:
+                      *, measured: bool, model, same: bool, images=None) -> dict:
     """Fit the configured rule for one bundle with that bundle's own latency table and write
     its stopping record and annotations (the same fields `pipeline calibrate` writes)."""
     from devices.latency import segment_costs_ms
@@ -828,7 +854,8 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
         candidates = [c.skip_config]
     if c.rule == "router":
         return _calibrate_router(ctx, b, probs, y, skip_accuracy, data_name, device=device,
-                                 backend=backend, kind=kind, model=model, same=same)
+                                 backend=backend, kind=kind, model=model, same=same,
+                                 images=images)
     search = []
     best = None
     for cand in candidates:
@@ -897,9 +924,11 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
 
 
 def _calibrate_router(ctx: _Ctx, b, probs: dict, y, skip_accuracy: dict, data_name: str, *,
-                      device: str, backend: str, kind: str, model, same: bool) -> dict:
+                      device: str, backend: str, kind: str, model, same: bool,
+                      images=None) -> dict:
     """Fit the joint router (pipeline/router_build.py) for one bundle, write its stopping
-    record and the merged pieces of the spans its dropped exits leave."""
+    record and the merged pieces of the spans its dropped exits leave (quantized like the
+    other pieces in an int8 build)."""
     from pipeline.router_build import add_router_pieces, fit_bundle_router, router_annotation
     from runtime.bundle import Bundle
     from runtime.manifest import MANIFEST_NAME, save_manifest
@@ -922,6 +951,10 @@ def _calibrate_router(ctx: _Ctx, b, probs: dict, y, skip_accuracy: dict, data_na
     merged = add_router_pieces(b.root, fit.rule, progress=ctx.log)
     if merged:
         ctx.log(f"merged pieces for the router's multi-stage spans: {', '.join(merged)}")
+        if build_precision(ctx) == "int8" and images is not None:
+            from export.quantize import quantize_bundle
+
+            quantize_bundle(b.root, images[:1024], progress=ctx.log)
     Bundle.open(b.root, verify=True)
     return {"rule": "router", "params": fit.rule.params(), "skip_config": full,
             "val_accuracy": fit.val_accuracy, "full_depth_accuracy": skip_accuracy[full],

@@ -55,6 +55,8 @@ class BuildSection:
     archive: bool = True              # also write <out>/<device>/bundle.tar.gz
     threads: int = 1                  # ONNX Runtime intra-op threads of the bundle run on this
                                       # host (0: the profile's, all usable cores); see docs/build.md
+    precision: str = "auto"           # auto (the device profile's) | fp32 | int8 (QDQ pieces
+                                      # kept where they measure faster: export/quantize.py)
 
     def validate(self, v: Optional[Validator] = None, p: str = "build") -> None:
         v = _v(v)
@@ -76,6 +78,7 @@ class BuildSection:
         v.int_(self.tune_trials, f"{p}.tune_trials", lo=0)
         v.int_(self.threads, f"{p}.threads", lo=0)
         v.bool_(self.archive, f"{p}.archive")
+        v.enum(self.precision, f"{p}.precision", ("auto", "fp32", "int8"))
 
 
 @dataclass

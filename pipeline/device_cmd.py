@@ -487,6 +487,12 @@ def _print_inspect(d: dict) -> None:
     st = d["stopping"]
     if st["rule"]:
         params = json.dumps(st["params"], separators=(",", ":"))
+        if st["rule"] == "router" and isinstance(st["params"].get("policies"), list):
+            pols = st["params"]["policies"]
+            default = pols[int(st["params"].get("default", 0))]
+            params = (f"(kept exits {default.get('exits')}, first span {default.get('start')}, "
+                      f"{len(pols)} policies, {len(st['params'].get('budgets') or [])} budgets, "
+                      f"epsilon {st['params'].get('epsilon')})")
         if len(params) > 160:
             params = params[:157] + "..."
         acc = st["val_accuracy"]

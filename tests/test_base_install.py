@@ -180,7 +180,7 @@ def test_doctor_and_inspect(base_venv, device):
         assert key in out, key
     d = json.loads(_pipeline(base_venv, "inspect", device, "--json", cwd=device.parent).stdout)
     # the build's calibration: max_prob, or its full-depth fallback on this tiny model
-    assert d["stopping"]["rule"] in ("max_prob", "full") and d["latency"][0]["kind"] == "measured"
+    assert d["stopping"]["rule"] in ("router", "max_prob", "full") and d["latency"][0]["kind"] == "measured"
     assert len(d["latency"][0]["cumulative_p50_ms"]) == 3
 
 
@@ -242,6 +242,24 @@ def test_calibrate_from_the_calibration_set(base_venv, device):
     assert rep["n"] == 20 and rep["split"] == "calib" and 0 <= rep["accuracy"] <= 1
 
 
+def test_router_calibrates_on_the_base_install(base_venv, device, tmp_path):
+    """The joint router is fitted on a device with numpy only (no onnx: the spans of dropped
+    exits then run as chains of the stage pieces), and the bundle predicts with it."""
+    import shutil
+
+    b = tmp_path / "bundle"
+    shutil.copytree(device, b)
+    r = _pipeline(base_venv, "calibrate", "--bundle", b, "--rule", "router", "--max-drop", "2",
+                  "--use-probabilities", "--npz", device.parent / "calib.npz", "--json",
+                  cwd=device.parent)
+    rep = json.loads(r.stdout)
+    assert rep["rule"] == "router" and rep["merged_pieces"] == [] and rep["exits_kept"][-1] == 2
+    assert json.loads((b / "manifest.json").read_text())["stopping"]["rule"] == "router"
+    r = _pipeline(base_venv, "benchmark", "--bundle", b, "--npz", device.parent / "calib.npz",
+                  "--limit", "20", "--threads", "1", "--json", cwd=device.parent)
+    assert json.loads(r.stdout)["rows"][0]["n"] == 20
+
+
 def test_benchmark(base_venv, device):
     r = _pipeline(base_venv, "benchmark", "--bundle", device, "--limit", "100", "--threads", "1",
                   "--json", "--min-accuracy", "0", cwd=device.parent)
@@ -284,7 +302,7 @@ def test_example_app_on_pgm_files(base_venv, device, tmp_path):
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == "IMPORTED []"
     assert re.match(r"# resnet20_adn: 3 exits, backend onnxruntime \(x86_64-cpu\), rule "
-                    r"(max_prob|full), budget 50 ms; 5 images", lines[0]), lines[0]
+                    r"(router|max_prob|full), budget 50 ms; 5 images", lines[0]), lines[0]
     per_image = [ln for ln in lines if not ln.startswith(("#", "IMPORTED"))]
     assert [ln.split(":")[0] for ln in per_image] == names
     assert any(ln.startswith("# summary: 5 images classified") for ln in lines)
