@@ -130,10 +130,15 @@ def test_build_config_file_is_type_checked(tmp_path):
         '[evaluate]\nlimit = "5"': "evaluate.limit: expected an integer, got string",
         "[evaluate]\nbatch_size = 12.5": "evaluate.batch_size: expected an integer, got number",
         '[train]\nepochs = "6"': "train.epochs: expected an integer, got string",
-        "[calibrate]\nmax_dorp = 1.0": "calibrate.max_dorp: unknown key (allowed: limit, max_drop, "
-                                      "mean_budget_ms, risk_delta, rule, skip_config)",
+        "[calibrate]\nmax_dorp = 1.0": "calibrate.max_dorp: unknown key (allowed: epsilon, limit, "
+                                      "max_drop, mean_budget_ms, risk_delta, rule, skip_config)",
         '[calibrate]\nrule = "nope"': "calibrate.rule: expected one of 'max_prob', 'entropy', "
-                                     "'patience', 'lookahead', 'full', got 'nope'",
+                                     "'patience', 'lookahead', 'full', 'router', got 'nope'",
+        "[calibrate]\nepsilon = 0.7": "calibrate.epsilon: expected a number <= 0.5, got 0.7",
+        '[build]\nprecision = "int4"': "build.precision: expected one of 'auto', 'fp32', 'int8', "
+                                       "got 'int4'",
+        '[export]\nexit_norms = "mixed"': "export.exit_norms: expected one of 'per-variant', "
+                                          "'shared', got 'mixed'",
         "[profile]\nbatches = [2, 4]": "profile.batches: must include 1",
         '[build]\nbackends = ["onnxruntime", "x"]': "build.backends[1]: unknown backend 'x'",
         "[build]\narchive = 1": "build.archive: expected true or false, got integer",
