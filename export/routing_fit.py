@@ -18,16 +18,19 @@ them). Fitting the paired gain, not the two values separately, keeps the noise o
 of the decision, and makes "stop" an upper interval of confidence. The policy ranks the actions
 by fitted gain (stop: 0); a sample's realised value is that of the action ranked first.
 
-**Choice.** For every subset of exits (the last always kept) and every ``lam`` of a grid, the
-policy is fitted on one half of the data and scored on the other, both ways (cross-fitting).
-The deployed (exits, lam) is the fastest held-out one whose upper bound on the drop against full
-depth of FF..F (the paired held-out drop plus ``z`` of its standard errors, ``z = 1``: about 84%
-one-sided) is within ``max_drop``; it is then refitted on all the data. An exit that does not pay is dropped; when none pays, the policy
+**Choice.** The validation data is split in two folds. For every subset of exits (the last
+always kept) and every ``lam`` of a grid, the policy is fitted on the first fold and scored on
+the second; the deployed (exits, lam) is the fastest one whose upper bound on the drop against
+full depth of FF..F on the second fold (the paired drop plus ``z`` of its standard errors,
+``z = 1``: about 84% one-sided) is within ``max_drop``, and the policy deployed is exactly the
+one scored (no refit: ``refit=True`` instead scores both ways and refits on all the data, which
+measured faster but missed the test target on one of three trainings, docs/stopping.md). An exit that does not pay is dropped; when none pays, the policy
 runs the whole network as one span.
 
 **Budgets.** For each budget of a grid, every candidate policy (all exits kept, each ``lam``,
-plus every static sub-network) is simulated with the runtime's deadline rule (a span runs when
-the elapsed time plus its ``1 - epsilon`` quantile fits the budget) and the most accurate one is
+fitted on the first fold, plus every static sub-network and the default policy) is simulated on
+the second fold with the runtime's deadline rule (a span runs when the elapsed time plus its
+``1 - epsilon`` quantile fits the budget) and the most accurate one within the miss target is
 stored for that budget.
 """
 from __future__ import annotations
@@ -349,14 +352,20 @@ class RouterFit:
             "exit_histogram", "subsets", "budgets")}
 
 
-def _crossfit(data, span_cost, exits, lam, folds, exit_cost_ms, opts):
+def _crossfit(data, span_cost, exits, lam, folds, exit_cost_ms, opts, both: bool = True):
+    """Held-out correctness and latency: fitted on one fold, scored on the other (both ways,
+    or, with ``both=False``, fitted on the first fold and scored on the second only: then the
+    arrays hold the second fold's samples)."""
     corr = np.zeros(data.N)
     lat = np.zeros(data.N)
-    for a, b in (folds, folds[::-1]):
+    pairs = (folds, folds[::-1]) if both else (folds,)
+    for a, b in pairs:
         pol = fit_policy(data, span_cost, exits, lam, a, exit_cost_ms=exit_cost_ms, **opts)
         out = simulate(pol, data, span_cost, b, exit_cost_ms=exit_cost_ms)
         corr[b] = out.correct
         lat[b] = out.latency_ms
+    if not both:
+        return corr[folds[1]], lat[folds[1]]
     return corr, lat
 
 
@@ -372,8 +381,8 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
                exit_cost_ms: float = 0.01, exit_subsets: Optional[Sequence[Sequence[int]]] = None,
                budgets_ms: Sequence[float] = (), span_quantile: Optional[SpanCost] = None,
                span_elapsed: Optional[SpanCost] = None, pre_ms: float = 0.0,
-               epsilon: float = DEFAULT_EPSILON, seed: int = 0, progress=None,
-               **opts: Any) -> RouterFit:
+               epsilon: float = DEFAULT_EPSILON, seed: int = 0, refit: bool = False,
+               progress=None, **opts: Any) -> RouterFit:
     """Fit the router for an accuracy target (``max_drop`` points below full depth of FF..F:
     the cross-fitted drop plus ``z`` standard errors of the paired difference) and, given
     ``budgets_ms`` and ``span_quantile`` (the ``1 - epsilon`` quantile of a span's latency),
@@ -392,24 +401,30 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
                         itertools.combinations(range(S - 1), r)]
     best = None
     subsets = []
-    for exits in exit_subsets:
+    # without a refit, both orientations are tried (fit on one fold, certify on the other) and
+    # the faster certified one ships: the policy fitted on its first fold
+    orientations = [folds] if refit else [folds, folds[::-1]]
+    for exits, fo in itertools.product(exit_subsets, orientations):
         chosen = None
         for lam in sorted(lams, reverse=True):  # cheapest first: the first that passes wins
-            corr, lat = _crossfit(data, span_cost, exits, lam, folds, exit_cost_ms, opts)
-            drop = full_acc - float(corr.mean())
+            corr, lat = _crossfit(data, span_cost, exits, lam, fo, exit_cost_ms, opts,
+                                  both=refit)
+            ref = full_correct if refit else full_correct[fo[1]]
+            drop = float(ref.mean()) - float(corr.mean())
             if drop * 100.0 > max_drop:
                 continue
-            worse = int(np.sum((full_correct == 1) & (corr == 0)))
-            better = int(np.sum((full_correct == 0) & (corr == 1)))
-            bound = paired_drop_bound(worse, better, N, z) * 100.0
+            worse = int(np.sum((ref == 1) & (corr == 0)))
+            better = int(np.sum((ref == 0) & (corr == 1)))
+            bound = paired_drop_bound(worse, better, len(ref), z) * 100.0
             if bound <= max_drop:
                 chosen = dict(exits=list(exits), lam=float(lam), heldout_accuracy=float(corr.mean()),
                               heldout_latency_ms=float(lat.mean()), heldout_drop_points=100 * drop,
-                              drop_bound_points=bound)
+                              drop_bound_points=bound, fit_fold=0 if fo is folds else 1)
                 break
-        subsets.append(chosen or {"exits": list(exits), "lam": None})
+        subsets.append(chosen or {"exits": list(exits), "lam": None,
+                                  "fit_fold": 0 if fo is folds else 1})
         if progress:
-            progress(f"  router exits {list(exits)}: " + (
+            progress(f"  router exits {list(exits)} (fitted on fold {0 if fo is folds else 1}): " + (
                 f"lam {chosen['lam']:.4g}, held-out {100 * chosen['heldout_accuracy']:.2f}% "
                 f"(drop {chosen['heldout_drop_points']:.2f}, bound "
                 f"{chosen['drop_bound_points']:.2f} pt), {chosen['heldout_latency_ms']:.4f} ms"
@@ -419,19 +434,20 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
     if best is None:  # not even lam = 0 with every exit: run full depth, no early exit
         best = dict(exits=[S - 1], lam=0.0, heldout_accuracy=full_acc, heldout_latency_ms=float(
             span_cost(0, S - 1, data.full) + exit_cost_ms), heldout_drop_points=0.0,
-            drop_bound_points=0.0)
+            drop_bound_points=0.0, fit_fold=0)
     everyone = np.arange(N)
-    default = fit_policy(data, span_cost, best["exits"], best["lam"], everyone,
-                         exit_cost_ms=exit_cost_ms, **opts)
-    if best["exits"] == [S - 1]:
-        default = RouterPolicy([S - 1], data.full, {}, stages=S)
+    if not refit and best.get("fit_fold") == 1:
+        folds = folds[::-1]  # the budget policies too: fitted and scored like the default one
+    default = fit_policy(data, span_cost, best["exits"], best["lam"],
+                         everyone if refit else folds[0], exit_cost_ms=exit_cost_ms, **opts)
     dsim = simulate(default, data, span_cost, everyone, exit_cost_ms=exit_cost_ms)
     policies = [default]
     budget_rows: list[list] = []
     budget_info: list[dict] = []
     if budgets_ms and span_quantile is not None:
         all_exits = list(range(S))
-        cands = [fit_policy(data, span_cost, all_exits, lam, everyone, exit_cost_ms=exit_cost_ms,
+        fit_idx, score_idx = (everyone, everyone) if refit else folds
+        cands = [fit_policy(data, span_cost, all_exits, lam, fit_idx, exit_cost_ms=exit_cost_ms,
                             **opts) for lam in lams]
         cands += [static_policy(cfg, e) for cfg in variants(S) for e in range(S)]
         cands.append(default)
@@ -439,7 +455,7 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
         for b in sorted(set(float(x) for x in budgets_ms)):
             scored = []
             for ci, pol in enumerate(cands):
-                out = simulate(pol, data, elapsed, everyone, exit_cost_ms=exit_cost_ms,
+                out = simulate(pol, data, elapsed, score_idx, exit_cost_ms=exit_cost_ms,
                                budget_ms=b, span_quantile=span_quantile, pre_ms=pre_ms)
                 miss = float(out.missed.mean())
                 # within the miss target: the most accurate; beyond it: the fastest

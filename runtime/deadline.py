@@ -51,6 +51,17 @@ def span_key(first: int, last: int, variant: str, batch: int) -> tuple:
     return ("span", first, last, variant, batch)
 
 
+def answer_key(batch: int) -> tuple:
+    """The online-statistics key of the time from the end of a call's last span to its answer
+    (softmax, decision, the Prediction) at one batch size."""
+    return ("answer", batch)
+
+
+#: Before any measurement of it: the time from the last span to the answer (ms; x86 build host
+#: 10-20 us at batch 1).
+DEFAULT_ANSWER_MS = 0.02
+
+
 def check_budget(budget_ms: object) -> Optional[float]:
     """``None`` or a finite number >= 0 (ms); ValueError otherwise."""
     if budget_ms is None:
@@ -532,6 +543,12 @@ class LatencyModel:
                     for k in range(first, last + 1)]
             return None if any(v is None for v in segs) else float(sum(segs))  # type: ignore
         return _blend(table, online, n, prior)
+
+    def answer_quantile(self, batch: int, q: float) -> float:
+        """The ``q``-quantile of the time from a call's last span to its answer, measured as
+        calls go (stall-robust); :data:`DEFAULT_ANSWER_MS` x batch before any measurement."""
+        online, _n = self.online.quantile(answer_key(batch), q)
+        return DEFAULT_ANSWER_MS * batch if online is None else online
 
     def segment_quantile(self, cfg: str, k: int, batch: int, q: float,
                          prior: float = SPAN_PRIOR) -> Optional[float]:

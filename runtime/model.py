@@ -27,7 +27,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.deadline import (EPS_MS, Clock, LatencyModel, LatencyTable, OnlineLatency,
-                              check_budget, span_key)
+                              answer_key, check_budget, span_key)
 from runtime.executor import SegmentExecutor
 from runtime.host import usable_cores
 from runtime.exits import normalised_entropy
@@ -138,6 +138,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 RuleLike = Union[None, str, Any]
 
 _UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)
+ANSWER_KEY_1 = answer_key(1)
 _ONE = np.float32(1.0)
 _isfinite = math.isfinite
 #: Built-in rules whose stop() reads nothing from the StopContext but ``num_exits``.
@@ -614,11 +615,13 @@ class AdaptiveModel:
 
         first, last = policy.spans[0]
         forced = False  # the first span does not fit the budget: it runs, and answers
+        answer_ms = 0.0  # the time from the last span to the answer, at the same quantile
         if limit is not None:
+            answer_ms = self.latency.answer_quantile(n, q)
             est = span_quantile(first, last, policy.start, n, q)
-            forced = est is not None and (clock() - t0) * 1000.0 + est > limit
+            forced = est is not None and (clock() - t0) * 1000.0 + est + answer_ms > limit
         if n == 1:
-            p = self._route_one(policy, batch, t0, limit, q, forced, budget)
+            p = self._route_one(policy, batch, t0, limit, q, forced, budget, answer_ms)
             return [p] if batched else p
         groups = [(list(range(n)), policy.start, {self._input_name: batch})]
         while groups:
@@ -654,7 +657,7 @@ class AdaptiveModel:
                         break
                     if limit is not None:
                         est = span_quantile(nxt[0], nxt[1], a, m if sel is None else len(sel), q)
-                        if est is not None and (clock() - t0) * 1000.0 + est > limit:
+                        if est is not None and (clock() - t0) * 1000.0 + est + answer_ms > limit:
                             why = "deadline"
                             continue
                     action = a
@@ -670,7 +673,7 @@ class AdaptiveModel:
         return results if batched else results[0]
 
     def _route_one(self, policy, batch: np.ndarray, t0: float, limit: Optional[float], q: float,
-                   forced: bool, budget: Optional[float]) -> Prediction:
+                   forced: bool, budget: Optional[float], answer_ms: float = 0.0) -> Prediction:
         """:meth:`_predict_routed` for one sample: the same decisions, scalars instead of row
         groups, and the softmax computed in full only for the exit that answers (the top
         probability is ``1 / sum(exp(z - max z))``)."""
@@ -684,7 +687,8 @@ class AdaptiveModel:
             variant = path[first:]
             ts = clock()
             logits = run_span(first, last, variant, tensors)
-            timings.append((span_key(first, last, variant, 1), (clock() - ts) * 1000.0))
+            te = clock()
+            timings.append((span_key(first, last, variant, 1), (te - ts) * 1000.0))
             if limit is not None:
                 self.latency.record_many(timings)
                 timings.clear()
@@ -705,7 +709,7 @@ class AdaptiveModel:
                     break
                 if limit is not None:
                     est = self.latency.span_quantile(nxt[0], nxt[1], a, 1, q)
-                    if est is not None and (clock() - t0) * 1000.0 + est > limit:
+                    if est is not None and (clock() - t0) * 1000.0 + est + answer_ms > limit:
                         why = "deadline"
                         continue
                 action = a
@@ -716,10 +720,13 @@ class AdaptiveModel:
             first, last = nxt
         z /= total
         cid = int(z.argmax())
-        now_ms = (clock() - t0) * 1000.0
+        end = clock()
+        now_ms = (end - t0) * 1000.0
         S = self.stages
         p = _prediction(cid, self.class_names[cid], z, last, path + "F" * (S - len(path)), now_ms,
                         limit is not None and now_ms > limit, budget, why)
+        if limit is not None:  # what answering took after the last span (the deadline adds it)
+            timings.append((ANSWER_KEY_1, (end - te) * 1000.0))
         if timings:
             self.latency.record_later(timings)
         return p

@@ -223,8 +223,31 @@ def test_router_deadline_proceeds_exactly_when_the_chance_of_fitting_is_high_eno
     clock = FakeClock()
     m = AdaptiveModel(real.bundle, SpanClock(real.executor, clock, 10.0), choice=real.choice,
                       clock=clock)
+    # the check adds the time from the last span to the answer as measured (0 on this clock;
+    # runtime.deadline.DEFAULT_ANSWER_MS before the first budgeted call)
+    from runtime.deadline import DEFAULT_ANSWER_MS, answer_key
+
+    assert m.latency.answer_quantile(1, 0.99) == DEFAULT_ANSWER_MS
+    m.latency.online.record_many([(answer_key(1), 0.0)])
+    assert m.latency.answer_quantile(1, 0.99) == 0
     p = m.predict(val_images[0][0], budget_ms=budget, rule=always_continue(epsilon))
     assert (p.exit_index, p.stopped_by, p.deadline_missed) == (exit_, why, False)
+
+
+def test_router_deadline_counts_the_time_to_answer(bundles, tmp_path, val_images):
+    """Answering after the last span takes 0.5 ms here: a span runs only if it fits with it."""
+    from runtime.deadline import answer_key
+
+    b = copy_bundle(bundles[1], tmp_path / "b")
+    edit_manifest(b, lambda m: m.replace_latency(quantile_table(m, 10.0, 12.0, 15.0)))
+    real = AdaptiveModel.load(b, runner_options=THREADS)
+    clock = FakeClock()
+    m = AdaptiveModel(real.bundle, SpanClock(real.executor, clock, 10.0), choice=real.choice,
+                      clock=clock)
+    m.latency.online.record_many([(answer_key(1), 0.5)])
+    for budget, exit_ in ((25.4, 0), (25.5, 1), (35.5, 2)):
+        p = m.predict(val_images[0][0], budget_ms=budget, rule=always_continue())
+        assert p.exit_index == exit_, budget
 
 
 def test_router_budget_measured_online_blends_into_the_table(bundles, tmp_path, val_images):
