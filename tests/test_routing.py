@@ -10,7 +10,7 @@ from export.routing_fit import (RoutingData, _isotonic, fit_policy, fit_router, 
 from runtime import AdaptiveModel, FakeClock
 from runtime.errors import ConfigError
 from runtime.manifest import LatencyEntry, utc_now_iso
-from runtime.routing import STOP, RouterPolicy, RouterRule
+from runtime.routing import STOP, RouterRule
 from runtime.rules import make_rule
 from test_runtime import THREADS, build_bundles, copy_bundle, edit_manifest
 
@@ -202,6 +202,17 @@ class SpanClock:
         return self.inner.run_exits(x, cfg, upto)
 
 
+def timed_model(bundles, tmp_path, stage_ms: float) -> AdaptiveModel:
+    """The host bundle with a table of p50 10 / p95 12 / p99 15 ms per stage piece, on a fake
+    clock where every stage of a span takes ``stage_ms``."""
+    b = copy_bundle(bundles[1], tmp_path / "b")
+    edit_manifest(b, lambda m: m.replace_latency(quantile_table(m, 10.0, 12.0, 15.0)))
+    real = AdaptiveModel.load(b, runner_options=THREADS)
+    clock = FakeClock()
+    return AdaptiveModel(real.bundle, SpanClock(real.executor, clock, stage_ms),
+                         choice=real.choice, clock=clock)
+
+
 def always_continue(epsilon: float = 0.01) -> RouterRule:
     return RouterRule([static_policy("FFF", 2)], epsilon=epsilon)
 
@@ -217,12 +228,7 @@ def always_continue(epsilon: float = 0.01) -> RouterRule:
 ])
 def test_router_deadline_proceeds_exactly_when_the_chance_of_fitting_is_high_enough(
         bundles, tmp_path, val_images, epsilon, budget, exit_, why):
-    b = copy_bundle(bundles[1], tmp_path / "b")
-    edit_manifest(b, lambda m: m.replace_latency(quantile_table(m, 10.0, 12.0, 15.0)))
-    real = AdaptiveModel.load(b, runner_options=THREADS)
-    clock = FakeClock()
-    m = AdaptiveModel(real.bundle, SpanClock(real.executor, clock, 10.0), choice=real.choice,
-                      clock=clock)
+    m = timed_model(bundles, tmp_path, 10.0)
     # the check adds the time from the last span to the answer as measured (0 on this clock;
     # runtime.deadline.DEFAULT_ANSWER_MS before the first budgeted call)
     from runtime.deadline import DEFAULT_ANSWER_MS, answer_key
@@ -238,12 +244,7 @@ def test_router_deadline_counts_the_time_to_answer(bundles, tmp_path, val_images
     """Answering after the last span takes 0.5 ms here: a span runs only if it fits with it."""
     from runtime.deadline import answer_key
 
-    b = copy_bundle(bundles[1], tmp_path / "b")
-    edit_manifest(b, lambda m: m.replace_latency(quantile_table(m, 10.0, 12.0, 15.0)))
-    real = AdaptiveModel.load(b, runner_options=THREADS)
-    clock = FakeClock()
-    m = AdaptiveModel(real.bundle, SpanClock(real.executor, clock, 10.0), choice=real.choice,
-                      clock=clock)
+    m = timed_model(bundles, tmp_path, 10.0)
     m.latency.online.record_many([(answer_key(1), 0.5)])
     for budget, exit_ in ((25.4, 0), (25.5, 1), (35.5, 2)):
         p = m.predict(val_images[0][0], budget_ms=budget, rule=always_continue())
@@ -253,12 +254,7 @@ def test_router_deadline_counts_the_time_to_answer(bundles, tmp_path, val_images
 def test_router_budget_measured_online_blends_into_the_table(bundles, tmp_path, val_images):
     """The device is slower than its table (segments take 14 ms, the table's p99 says 15, p50
     10): after enough calls the online figure weighs in and the check follows it."""
-    b = copy_bundle(bundles[1], tmp_path / "b")
-    edit_manifest(b, lambda m: m.replace_latency(quantile_table(m, 10.0, 12.0, 15.0)))
-    real = AdaptiveModel.load(b, runner_options=THREADS)
-    clock = FakeClock()
-    m = AdaptiveModel(real.bundle, SpanClock(real.executor, clock, 14.0), choice=real.choice,
-                      clock=clock)
+    m = timed_model(bundles, tmp_path, 14.0)
     q0 = m.latency.span_quantile(1, 1, "F", 1, 0.99)
     assert q0 == pytest.approx(15.0)
     for _ in range(200):
