@@ -27,7 +27,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .profile import BACKENDS, Profile
+from runtime.backends import BACKENDS
+
+from .profile import Profile
 
 __all__ = [
     "COMPUTE_EFFICIENCY",

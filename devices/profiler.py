@@ -47,7 +47,8 @@ from devices.profile import Profile, ProfileError
 from devices.registry import load_profile
 from runtime.bundle import Bundle
 from runtime.executor import SegmentExecutor
-from runtime.manifest import RUNTIME_BACKENDS, LatencyEntry, Manifest, utc_now_iso
+from runtime.backends import BACKENDS
+from runtime.manifest import LatencyEntry, Manifest, utc_now_iso
 from runtime.errors import UsageError
 
 __all__ = [
@@ -264,11 +265,11 @@ def _candidates(manifest: Manifest, backend: str, target: Optional[str]) -> list
 def _choose(bundle: Bundle, profile: Profile, backend: Optional[str], target: Optional[str],
             progress: Progress) -> _Choice:
     m = bundle.manifest
-    if backend is not None and backend not in RUNTIME_BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r} (expected one of: "
-                         f"{', '.join(RUNTIME_BACKENDS)})")
+                         f"{', '.join(BACKENDS)})")
     order = [backend] if backend else list(dict.fromkeys(
-        [b for b in profile.backend_order() if b in RUNTIME_BACKENDS] + list(RUNTIME_BACKENDS)))
+        [b for b in profile.backend_order() if b in BACKENDS] + list(BACKENDS)))
     failures = []
     for b in order:
         for run_b, t in _candidates(m, b, target):

@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional
 import click
 import numpy as np
 
-from pipeline.runtime_cmd import BACKENDS, _bundle_option, bundle_path
+from pipeline.runtime_cmd import _bundle_option, bundle_path
+from runtime.backends import ARTIFACT_BACKENDS
 from runtime.errors import UsageError
 from runtime.jsonsafe import json_safe
 
@@ -196,7 +197,7 @@ def _floors(gated: list[dict], min_accuracy, max_ms, max_p99_ms,
 @click.option("--npz", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Images and labels (.npz with uint8 `images` and `labels`; default: the "
                    "calib.npz the build writes beside the bundle).")
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(ARTIFACT_BACKENDS), default=None,
               help="Only this backend (default: every backend this machine can run).")
 @click.option("--device", "-d", default=None,
               help="Device profile for the backend order and latency table (default: the "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from runtime.manifest import RUNTIME_BACKENDS
+from runtime.backends import BACKENDS
 from runtime.errors import UsageError
 
 __all__ = ["profile", "parse_batches"]
@@ -52,7 +52,7 @@ def _err(message: str) -> None:
 @click.command("profile")
 @click.option("--bundle", "-b", "bundle_dir", required=True, type=click.Path(path_type=Path),
               help="Bundle directory (device bundle from `pipeline compile`, or a portable one).")
-@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Backend to measure/estimate. Default: measure the first of the device "
                    "profile's backends that the bundle has and that runs here; estimate every "
                    "backend of the profile.")

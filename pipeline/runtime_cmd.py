@@ -18,7 +18,7 @@ from typing import Any, Optional
 import click
 import numpy as np
 
-from runtime.backends import ARTIFACT_BACKENDS as BACKENDS
+from runtime.backends import ARTIFACT_BACKENDS
 from runtime.errors import PipelineError, UsageError
 from runtime.images import NATIVE_SUFFIXES, PIL_SUFFIXES
 from runtime.jsonsafe import json_safe
@@ -64,7 +64,7 @@ def _backend_options(f):
     f = click.option("--device", "-d", default=None,
                      help="Device profile for the backend order and latency table "
                           "(default: the bundle's).")(f)
-    f = click.option("--backend", type=click.Choice(BACKENDS), default=None,
+    f = click.option("--backend", type=click.Choice(ARTIFACT_BACKENDS), default=None,
                      help="Force a backend (default: the device profile's order, with "
                           "fallback; 'onnx' = the portable ONNX with onnxruntime).")(f)
     return f

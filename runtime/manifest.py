@@ -34,19 +34,15 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from .atomic import atomic_write_json
-# Artifact backends (BACKENDS; "onnx" is the portable ONNX file) and the backends that execute
-# them (RUNTIME_BACKENDS): the one registry's, runtime/backends.
-from .backends import ARTIFACT_BACKENDS as BACKENDS
-from .backends import BACKENDS as RUNTIME_BACKENDS
-from .backends import backend_info
+# Artifact backends (ARTIFACT_BACKENDS; "onnx" is the portable ONNX file) and the backends that
+# execute them (BACKENDS): the one registry's, runtime/backends.
+from .backends import ARTIFACT_BACKENDS, BACKENDS, backend_info
 from .errors import ManifestError, UnsafePathError
 from .validate import Validator, field_path as _key, short_repr as _short, type_name as _tname
 
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_NAME",
-    "BACKENDS",
-    "RUNTIME_BACKENDS",
     "PIECE_KINDS",
     "MERGED",
     "merged_piece_id",
@@ -376,7 +372,7 @@ class Artifact:
         if why:
             raise UnsafePathError(v.source, why, json_path=pf,
                                   relpath=d["file"] if isinstance(d["file"], str) else None)
-        return cls(backend=v.enum(d["backend"], _key(p, "backend"), BACKENDS),
+        return cls(backend=v.enum(d["backend"], _key(p, "backend"), ARTIFACT_BACKENDS),
                    target=v.ident(d["target"], _key(p, "target"), "a target name"),
                    file=d["file"],
                    sha256=v.sha256(d["sha256"], _key(p, "sha256")),
@@ -643,7 +639,7 @@ class DeploymentTarget:
     @classmethod
     def _parse(cls, v: _V, d: object, p: str) -> "DeploymentTarget":
         d = v.obj(d, p, ("backend", "target"), ("requires", "runner_options"))
-        backend = v.enum(d["backend"], _key(p, "backend"), BACKENDS)
+        backend = v.enum(d["backend"], _key(p, "backend"), ARTIFACT_BACKENDS)
         po = _key(p, "runner_options")
         opts = v.json_obj(d.get("runner_options", {}), po)
         known = backend_info(backend).runner_options
@@ -681,7 +677,7 @@ class Deployment:
     def _parse(cls, v: _V, d: object, p: str) -> "Deployment":
         d = v.obj(d, p, ("profile", "backend_order", "targets"))
         pb = _key(p, "backend_order")
-        order = [v.enum(b, _key(pb, i), RUNTIME_BACKENDS)
+        order = [v.enum(b, _key(pb, i), BACKENDS)
                  for i, b in enumerate(v.list_(d["backend_order"], pb))]
         if len(set(order)) != len(order):
             v.fail(pb, "a backend is listed twice")
@@ -769,7 +765,7 @@ class LatencyEntry:
             ex = v.int_(ex, _key(p, "exit"), lo=0)
             sc = v.str_(sc, _key(p, "skip_config"), max_len=MAX_STAGES)
         return cls(device=v.ident(d["device"], _key(p, "device"), "a device profile name"),
-                   backend=v.enum(d["backend"], _key(p, "backend"), RUNTIME_BACKENDS),
+                   backend=v.enum(d["backend"], _key(p, "backend"), BACKENDS),
                    target=v.ident(d["target"], _key(p, "target"), "a target name"),
                    batch=v.int_(d["batch"], _key(p, "batch"), lo=1, hi=1 << 20),
                    kind=kind, created=v.timestamp(d["created"], _key(p, "created")),

@@ -63,6 +63,19 @@ def test_no_second_table_of_backends_or_architectures():
     assert aliases == ["runtime/host.py"], aliases
 
 
+def test_backend_tables_keep_the_registry_names():
+    """No module imports one of the registry's tables under another table's name (``from
+    runtime.backends import ARTIFACT_BACKENDS as BACKENDS`` made ``BACKENDS`` mean two tuples)."""
+    renamed = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                renamed += [f"{path.relative_to(ROOT).as_posix()}: {a.name} as {a.asname}"
+                            for a in node.names if a.name.endswith("BACKENDS")
+                            and a.asname not in (None, a.name)]
+    assert renamed == [], renamed
+
+
 def test_architecture_names():
     assert machine_arch() in ("x86_64", "aarch64", "arm", *ARCH_ALIASES.values())
     assert [normalize_arch(n) for n in ("AMD64", "arm64", "aarch64", "armv8l", "armv7l",
