@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -433,6 +434,64 @@ def budget_points(model, budgets: Sequence[float], probs_by_cfg: dict[str, np.nd
 # measured end to end at batch 1
 # ---------------------------------------------------------------------------------------------
 
+@dataclass
+class InterleavedCalls:
+    """What :func:`run_interleaved` measured: per call (variant v, image i) the wall time (ms)
+    and, for ``Prediction`` answers, class, exit, configuration, the runtime's own latency and
+    its ``deadline_missed`` flag (an ``int`` answer fills the class only; exit -1)."""
+    times: np.ndarray
+    classes: np.ndarray
+    exits: np.ndarray
+    cfgs: list[list[str]]
+    own: np.ndarray
+    flagged: np.ndarray
+    seconds: float
+
+
+def run_interleaved(calls: Sequence[Callable[[np.ndarray], Any]], x: np.ndarray, *,
+                    warmup: int = 0, seed: Optional[int] = None, progress: Progress = None,
+                    label: str = "measured", first_report: float = 0.25) -> InterleavedCalls:
+    """Every image of ``x`` through every call before the next image, timed with
+    ``time.perf_counter_ns`` around the call, after ``warmup`` untimed calls of each. The order
+    of the calls rotates from image to image (``seed=None``) or is a fresh random permutation
+    per image (numpy generator seeded with ``seed``), so background load and cache state hit
+    every call alike."""
+    V, n = len(calls), len(x)
+    for fn in calls:  # warm-up: sessions, caches, branch predictors
+        for i in range(min(warmup, n)):
+            fn(x[i])
+    out = InterleavedCalls(times=np.zeros((V, n)), classes=np.zeros((V, n), dtype=np.int64),
+                           exits=np.full((V, n), -1, dtype=np.int64),
+                           cfgs=[[""] * n for _ in range(V)], own=np.zeros((V, n)),
+                           flagged=np.zeros((V, n), dtype=bool), seconds=0.0)
+    rng = None if seed is None else np.random.default_rng(seed)
+    clock = time.perf_counter_ns
+    t_start = time.perf_counter()
+    next_report = first_report
+    for i in range(n):
+        img = x[i]
+        order = ((i + j) % V for j in range(V)) if rng is None else rng.permutation(V)
+        for v in order:
+            t0 = clock()
+            r = calls[v](img)
+            t1 = clock()
+            out.times[v, i] = (t1 - t0) * 1e-6
+            if isinstance(r, (int, np.integer)):
+                out.classes[v, i] = int(r)
+            else:
+                out.classes[v, i] = r.class_id
+                out.exits[v, i] = r.exit_index
+                out.cfgs[v][i] = r.skip_config
+                out.flagged[v, i] = r.deadline_missed
+                out.own[v, i] = r.latency_ms
+        if progress and (i + 1) / n >= next_report:
+            progress(f"  {label} {i + 1}/{n} images x {V} variants "
+                     f"[{time.perf_counter() - t_start:.1f} s]")
+            next_report += 0.25
+    out.seconds = time.perf_counter() - t_start
+    return out
+
+
 def measure_headline(model, mono: MonolithicSession, x: np.ndarray, y: np.ndarray, *,
                      full_config: str, budget_ms: Optional[float], mono_macs: int,
                      warmup: int = 50, progress: Progress = None) -> dict[str, Any]:
@@ -454,43 +513,13 @@ def measure_headline(model, mono: MonolithicSession, x: np.ndarray, y: np.ndarra
     if budget_ms is not None:
         variants.append(("budget", lambda img: model.predict(img, budget_ms=budget_ms)))
     n = len(y)
-    for name, fn in variants:  # warm-up: sessions, caches, branch predictors
-        for i in range(min(warmup, n)):
-            fn(x[i])
-    V = len(variants)
-    times = np.zeros((V, n), dtype=np.float64)
-    classes = np.zeros((V, n), dtype=np.int64)
-    exits = np.full((V, n), -1, dtype=np.int64)
-    cfgs: list[list[str]] = [[""] * n for _ in range(V)]
-    missed = np.zeros((V, n), dtype=bool)
-    own = np.zeros((V, n), dtype=np.float64)
-    clock = time.perf_counter_ns
-    t_start = time.perf_counter()
-    next_report = 0.1
-    for i in range(n):
-        img = x[i]
-        for j in range(V):
-            v = (i + j) % V
-            fn = variants[v][1]
-            t0 = clock()
-            r = fn(img)
-            t1 = clock()
-            times[v, i] = (t1 - t0) * 1e-6
-            if isinstance(r, (int, np.integer)):
-                classes[v, i] = int(r)
-            else:
-                classes[v, i] = r.class_id
-                exits[v, i] = r.exit_index
-                cfgs[v][i] = r.skip_config
-                missed[v, i] = r.deadline_missed
-                own[v, i] = r.latency_ms
-        if progress and (i + 1) / n >= next_report:
-            progress(f"  measured {i + 1}/{n} images x {V} variants "
-                     f"[{time.perf_counter() - t_start:.1f} s]")
-            next_report += 0.25
+    m = run_interleaved([fn for _name, fn in variants], x[:n], warmup=warmup, progress=progress,
+                        first_report=0.1)
+    times, classes, exits, cfgs, missed, own = (m.times, m.classes, m.exits, m.cfgs, m.flagged,
+                                                m.own)
     S = model.stages
     out: dict[str, Any] = {"n": n, "batch": 1, "interleaved": True, "warmup_calls": min(warmup, n),
-                           "seconds": time.perf_counter() - t_start, "variants": {},
+                           "seconds": m.seconds, "variants": {},
                            "cdf": {"percentiles": list(CDF_PERCENTILES),
                                    "ms": {name: latency_cdf(times[v])
                                           for v, (name, _fn) in enumerate(variants)}}}
@@ -573,37 +602,9 @@ def measure_budget_sweep(model, x: np.ndarray, y: np.ndarray, budgets: Sequence[
         (lambda img, b=b: model.predict(img, budget_ms=b)) for b in budgets]
     if mono is not None:
         calls.append(mono.predict)
-    V = len(calls)
-    for fn in calls:  # warm-up
-        for i in range(min(warmup, n)):
-            fn(x[i])
-    times = np.zeros((V, n), dtype=np.float64)
-    classes = np.zeros((V, n), dtype=np.int64)
-    exits = np.zeros((V, n), dtype=np.int64)
-    flagged = np.zeros((V, n), dtype=bool)
-    cfgs: list[list[str]] = [[""] * n for _ in range(V)]
-    rng = np.random.default_rng(seed)
-    clock = time.perf_counter_ns
-    t_start = time.perf_counter()
-    next_report = 0.25
-    for i in range(n):
-        img = x[i]
-        for v in rng.permutation(V):
-            t0 = clock()
-            r = calls[v](img)
-            t1 = clock()
-            times[v, i] = (t1 - t0) * 1e-6
-            if isinstance(r, (int, np.integer)):
-                classes[v, i] = int(r)
-            else:
-                classes[v, i] = r.class_id
-                exits[v, i] = r.exit_index
-                flagged[v, i] = r.deadline_missed
-                cfgs[v][i] = r.skip_config
-        if progress and (i + 1) / n >= next_report:
-            progress(f"  budget sweep: {i + 1}/{n} images x {V} variants "
-                     f"[{time.perf_counter() - t_start:.1f} s]")
-            next_report += 0.25
+    m = run_interleaved(calls, x[:n], warmup=warmup, seed=seed, progress=progress,
+                        label="budget sweep:")
+    times, classes, exits, flagged, cfgs = m.times, m.classes, m.exits, m.flagged, m.cfgs
     S = model.stages
     mono_row: dict[str, Any] = {}
     if mono is not None:
@@ -658,19 +659,9 @@ def measure_static_p99(model, static: Sequence[dict], x: np.ndarray, *, n: int =
     S = model.stages
     rules = [RouterRule([static_policy(p["prefix"] + "F" * (S - len(p["prefix"])), int(p["exit"]))])
              for p in static]
-    imgs = x[:n]
-    for r in rules:
-        for i in range(min(warmup, len(imgs))):
-            model.predict(imgs[i], rule=r)
-    times = np.zeros((len(rules), len(imgs)))
-    rng = np.random.default_rng(seed)
-    clock = time.perf_counter_ns
-    for i in range(len(imgs)):
-        for j in rng.permutation(len(rules)):
-            t0 = clock()
-            model.predict(imgs[i], rule=rules[j])
-            times[j, i] = (clock() - t0) * 1e-6
-    for p, t in zip(static, times):
+    m = run_interleaved([lambda img, r=r: model.predict(img, rule=r) for r in rules], x[:n],
+                        warmup=warmup, seed=seed)
+    for p, t in zip(static, m.times):
         p["measured_p99_ms"] = float(np.percentile(t, 99))
         p["measured_mean_ms"] = float(t.mean())
 
