@@ -26,6 +26,7 @@ from runtime.errors import ConfigError, PipelineError
 from runtime.validate import Validator, type_name
 
 from runtime.backends import BACKENDS  # the registry's; a profile lists them in its own order
+from runtime.backends import provider_options as _provider_options
 from runtime.host import normalize_arch
 
 __all__ = [
@@ -603,7 +604,8 @@ _GPU_EPS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def _onnxruntime_options(c: _Checker, o: dict, p: str, arch: str, hw: Hardware, sw: Software) -> dict:
-    c.unknown(o, ("providers", "intra_op_threads", "inter_op_threads", "graph_optimization_level"), p)
+    c.unknown(o, ("providers", "intra_op_threads", "inter_op_threads", "graph_optimization_level",
+                  "provider_options"), p)
     providers = c.get(o, "providers", p, "str_list", default=["CPUExecutionProvider"])
     if not providers:
         c.fail(_join(p, "providers"), "must list at least one execution provider")
@@ -614,7 +616,7 @@ def _onnxruntime_options(c: _Checker, o: dict, p: str, arch: str, hw: Hardware, 
             c.fail(f"{p}.providers[{i}]", f"{ep} needs a GPU (hardware.gpu_compute_capability)")
     if len(set(providers)) != len(providers):
         c.fail(_join(p, "providers"), "lists a provider twice")
-    return {
+    out = {
         "providers": providers,
         "intra_op_threads": c.get(o, "intra_op_threads", p, "int", default=0, minimum=0),
         "inter_op_threads": c.get(o, "inter_op_threads", p, "int", default=0, minimum=0),
@@ -622,6 +624,12 @@ def _onnxruntime_options(c: _Checker, o: dict, p: str, arch: str, hw: Hardware, 
             o, "graph_optimization_level", p, "str", default="all", choices=ORT_GRAPH_OPT_LEVELS
         ),
     }
+    if o.get("provider_options") is not None:  # per provider, checked against the known options
+        per_ep = _provider_options.check(c, o["provider_options"], _join(p, "provider_options"),
+                                         providers)
+        if per_ep:  # only the listed providers' (an extending profile may change providers)
+            out["provider_options"] = per_ep
+    return out
 
 
 def _tvm_options(c: _Checker, o: dict, p: str, arch: str, hw: Hardware, sw: Software) -> dict:

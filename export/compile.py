@@ -6,9 +6,9 @@ be recompiled) and adds, per backend, one artifact per piece:
 * ``onnxruntime``: the ORT-optimised ONNX (:mod:`export.onnxruntime_backend`);
 * ``tvm``: a shared library per piece from ``export.tvm.compile_onnx`` for the profile's TVM
   target (optionally MetaSchedule-tuned with ``tune_trials``);
-* ``tensorrt``: the piece's ONNX (the same file as the portable artifact) plus the engine build
-  plan in the options. Engines are not portable: ``pipeline engines --bundle B`` builds them on
-  the device.
+* ``tensorrt``: the piece's ONNX (the same file as the portable artifact; in an int8 bundle the
+  int8 pieces' QDQ file, with an ``int8`` plan) plus the engine build plan in the options.
+  Engines are not portable: ``pipeline engines --bundle B`` builds them on the device.
 
 Each backend is its export module in the registry (:mod:`export.backends`). The manifest's
 deployment record resolves the profile for the runtime: backend order, what each target needs of
@@ -102,7 +102,9 @@ def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence
     quantizes the onnxruntime pieces (:func:`export.quantize.quantize_manifest`) with
     ``calib_images`` (validation images, uint8 NHWC or float32 NCHW; required), keeping each
     piece in int8 only where it measures faster and keeps its exit's argmax
-    (``quantize_options``: ``min_speedup``, ``max_agreement_drop``, ``exclude``, ...).
+    (``quantize_options``: ``min_speedup``, ``max_agreement_drop``, ``exclude``, ...). With a
+    tensorrt backend the int8 pieces' tensorrt artifacts read the same QDQ files at TensorRT
+    precision ``int8`` (:func:`export.tensorrt.backend.use_qdq_pieces`).
     """
     progress = progress or (lambda _m: None)
     if tune_trials < 0:
@@ -232,14 +234,21 @@ def compile_bundle(bundle_dir: str | os.PathLike, profile, *, backends: Sequence
 
 def _quantize(manifest: Manifest, root: Path, profile, chosen: list[str], images: np.ndarray,
               options: dict[str, Any] | None, progress: Progress) -> None:
-    """INT8 onnxruntime pieces where they pay (the report goes to annotations.quantize)."""
-    from export.quantize import quantize_manifest, target_facts
+    """INT8 onnxruntime pieces where they pay (the report goes to annotations.quantize); with a
+    tensorrt backend the QDQ files are TensorRT's kind (int8, zero point 0) and the int8 pieces'
+    tensorrt artifacts read them (explicit quantization)."""
+    from export.quantize import TENSORRT_QDQ, quantize_manifest, target_facts
 
     if "onnxruntime" not in chosen:
         raise UsageError("precision int8 quantizes the onnxruntime pieces; this compile has no "
                          f"onnxruntime backend ({', '.join(chosen)})")
-    kw = {**target_facts(profile), **dict(options or {})}
+    trt = "tensorrt" in chosen
+    kw = {**target_facts(profile), **(TENSORRT_QDQ if trt else {}), **dict(options or {})}
     report = quantize_manifest(manifest, root, images, progress=progress, **kw)
+    if trt:
+        from export.tensorrt.backend import use_qdq_pieces
+
+        use_qdq_pieces(manifest, root, progress=progress)
     still = {a.file for p in manifest.pieces for a in p.artifacts}
     for rel in report.get("replaced_files", []):
         if rel not in still:

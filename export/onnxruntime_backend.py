@@ -6,15 +6,19 @@ with the ``all`` level may contain layout optimisations (NCHWc) specific to the 
 optimised on, and that a model pre-optimised for one execution provider should run with that
 provider. So the level that is *saved* is capped (docs/export.md):
 
-* ``extended`` for CPU-only profiles: fusions (Conv+Add+Relu, GELU, LayerNorm, attention...) into
-  ORT contrib ops, independent of the CPU model;
-* ``basic`` when the profile lists a GPU provider first (CUDA/TensorRT EP): constant folding and
-  redundant-node elimination only, since extended fusions are assigned per provider at
-  optimisation time, and here that is the CPU provider.
+* ``extended`` when the CPU provider comes first (CPU-only profiles): fusions (Conv+Add+Relu,
+  GELU, LayerNorm, attention...) into ORT contrib ops, independent of the CPU model;
+* ``basic`` when any other provider comes first (CUDA, TensorRT, OpenVINO, XNNPACK, ...):
+  constant folding and redundant-node elimination only. Basic rewrites run before graph
+  partitioning and suit every provider; extended fusions are assigned per provider at
+  optimisation time (here: the CPU provider), and the CPU contrib ops they write cannot run on
+  TensorRT or OpenVINO.
 
-The profile's own level (usually ``all``) is recorded in the artifact options and applied *online*
-on the device when the session is created, together with the profile's providers and thread
-counts (``runtime.backends.onnxruntime_runner.ORTPieceRunner`` reads them from the options).
+The artifact records the saved level (``saved_optimization_level``) and the provider it was
+saved for (``saved_for_provider``). The profile's own level (usually ``all``) is applied *online*
+on the device when the session is created, together with the profile's providers, their
+``provider_options`` and thread counts (``runtime.backends.onnxruntime_runner.ORTPieceRunner``
+reads them from the options and the deployment record).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 LEVELS = ("disable", "basic", "extended", "all")
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
+CPU_PROVIDER = "CPUExecutionProvider"
 
 
 def _cap(level: str, cap: str) -> str:
@@ -35,9 +39,27 @@ def saved_level(options: Mapping[str, Any]) -> str:
     level = options.get("graph_optimization_level", "all")
     if level not in LEVELS:
         raise ValueError(f"graph_optimization_level {level!r}: expected one of {', '.join(LEVELS)}")
-    providers = list(options.get("providers") or ["CPUExecutionProvider"])
-    gpu_first = bool(providers) and providers[0] in GPU_PROVIDERS
-    return _cap(level, "basic" if gpu_first else "extended")
+    return _cap(level, "extended" if _first_provider(options) == CPU_PROVIDER else "basic")
+
+
+def _first_provider(options: Mapping[str, Any]) -> str:
+    providers = list(options.get("providers") or [CPU_PROVIDER])
+    return providers[0] if providers else CPU_PROVIDER
+
+
+def runner_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The runner options of a profile's onnxruntime options (artifact and deployment record
+    alike): providers, their ``provider_options`` (when the profile sets any), threads, the
+    online optimisation level."""
+    out: dict[str, Any] = {
+        "providers": list(options.get("providers") or [CPU_PROVIDER]),
+        "intra_op_threads": int(options.get("intra_op_threads") or 0),
+        "inter_op_threads": int(options.get("inter_op_threads") or 0),
+        "graph_optimization_level": options.get("graph_optimization_level", "all"),
+    }
+    if options.get("provider_options"):
+        out["provider_options"] = {ep: dict(o) for ep, o in options["provider_options"].items()}
+    return out
 
 
 def target_for(arch: str, options: Mapping[str, Any]) -> str:
@@ -53,12 +75,10 @@ def runtime_options(options: Mapping[str, Any], saved: str) -> dict[str, Any]:
     import onnxruntime as ort
 
     return {
-        "providers": list(options.get("providers") or ["CPUExecutionProvider"]),
-        "intra_op_threads": int(options.get("intra_op_threads") or 0),
-        "inter_op_threads": int(options.get("inter_op_threads") or 0),
-        "graph_optimization_level": options.get("graph_optimization_level", "all"),
+        **runner_settings(options),
         "saved_optimization_level": saved,
-        "optimized_with": {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"]},
+        "saved_for_provider": _first_provider(options),
+        "optimized_with": {"onnxruntime": ort.__version__, "providers": [CPU_PROVIDER]},
     }
 
 
@@ -103,14 +123,10 @@ def compile_piece(profile, onnx_path: Path, root: Path, piece_id: str, *, target
 
 def deployment(profile, target: str):
     """(requirements, runner options): the architecture whose CPU the graph was saved for,
-    and the profile's providers, threads and online optimisation level."""
+    and the profile's providers (with their options), threads and online optimisation level."""
     from runtime.manifest import Requirements
 
-    options = profile.backend("onnxruntime").options
-    runner = {"providers": list(options.get("providers") or ["CPUExecutionProvider"]),
-              "intra_op_threads": int(options.get("intra_op_threads") or 0),
-              "inter_op_threads": int(options.get("inter_op_threads") or 0),
-              "graph_optimization_level": options.get("graph_optimization_level", "all")}
+    runner = runner_settings(profile.backend("onnxruntime").options)
     return Requirements(arch=None if target == "portable" else profile.arch), runner
 
 

@@ -5,7 +5,10 @@ format (QuantizeLinear/DequantizeLinear pairs around fp32 operators): per-channe
 uint8 activations, calibrated on the real inputs of that piece (validation images pushed through
 the preceding pieces along each skip configuration's plan). ONNX Runtime runs the QDQ file
 directly (it fuses the pairs into int8 kernels online); TensorRT reads the same Q/DQ nodes as
-explicit quantization; TVM's Relax ONNX frontend imports it (docs/tvm.md).
+explicit quantization; TVM's Relax ONNX frontend imports it (docs/tvm.md). TensorRT reads only
+signed int8 with zero point 0, so a bundle with tensorrt artifacts is quantized with int8
+symmetric activations (:data:`TENSORRT_QDQ`) and its int8 pieces' tensorrt artifacts point at
+the same files (:func:`export.tensorrt.backend.use_qdq_pieces`).
 
 Per piece, variants are tried (all int8; the first convolution kept in fp32 for pieces that read
 the raw image; the exit head kept in fp32; both) and the fastest variant whose exit argmax agrees
@@ -44,7 +47,7 @@ from runtime.errors import UsageError
 
 __all__ = ["VNNI_FLAGS", "needs_reduce_range", "quantize_piece", "piece_calibration_inputs",
            "logits_parity", "head_nodes", "first_conv", "quantize_manifest", "quantize_bundle",
-           "prepare_images", "DEFAULT_MIN_SPEEDUP", "DEFAULT_MAX_AGREEMENT_DROP"]
+           "prepare_images", "DEFAULT_MIN_SPEEDUP", "DEFAULT_MAX_AGREEMENT_DROP", "TENSORRT_QDQ"]
 
 Progress = Callable[[str], None]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -62,6 +65,10 @@ DEFAULT_RUNS = 300
 QDQ_SUFFIX = ".int8.onnx"
 _BATCH = 64
 _QUANT_TYPES = ("QUInt8", "QInt8")
+#: The QDQ style TensorRT reads (explicit quantization: signed int8, zero point 0), used for every
+#: backend when a device bundle has tensorrt artifacts (ONNX Runtime runs S8S8 QDQ too).
+#: Biases stay fp32 (TensorRT's parser reads no int32 DequantizeLinear).
+TENSORRT_QDQ = {"activation_type": "QInt8", "symmetric_activations": True, "quantize_bias": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +208,16 @@ def quantize_piece(onnx_in: PathLike, onnx_out: PathLike, calib_inputs: Mapping[
                    per_channel: bool = True, reduce_range: Optional[bool] = None,
                    exclude_nodes: Sequence[str] = (), activation_type: Any = "QUInt8",
                    weight_type: Any = "QInt8", calibrate_method: str = "MinMax",
-                   arch: Optional[str] = None, isa: Optional[Sequence[str]] = None) -> dict:
+                   arch: Optional[str] = None, isa: Optional[Sequence[str]] = None,
+                   symmetric_activations: bool = False, quantize_bias: bool = True) -> dict:
     """Write the static QDQ quantization of ``onnx_in`` to ``onnx_out``; return its settings.
 
     ``calib_inputs``: input name -> float32 batch (the real inputs of this piece; every name
     the graph reads). ``reduce_range=None``: :func:`needs_reduce_range` of ``arch``/``isa``
     (default this machine). ``exclude_nodes``: node names kept in fp32. The result passes
-    ``onnx.checker.check_model``."""
+    ``onnx.checker.check_model``. ``symmetric_activations`` with ``activation_type="QInt8"``:
+    int8 activations with zero point 0, the only Q/DQ TensorRT reads (:data:`TENSORRT_QDQ`);
+    ``quantize_bias=False`` keeps biases fp32."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           quantize_static)
@@ -253,11 +263,14 @@ def quantize_piece(onnx_in: PathLike, onnx_out: PathLike, calib_inputs: Mapping[
                             weight_type=_quant_type(weight_type),
                             nodes_to_exclude=list(exclude_nodes) or None,
                             calibrate_method=getattr(CalibrationMethod, calibrate_method),
-                            extra_options={"CalibTensorRangeSymmetric": False})
+                            extra_options={"CalibTensorRangeSymmetric": bool(symmetric_activations),
+                                           "ActivationSymmetric": bool(symmetric_activations),
+                                           "QuantizeBias": bool(quantize_bias)})
     onnx.checker.check_model(str(out), full_check=True)
     return {"format": "QDQ", "per_channel": bool(per_channel), "reduce_range": bool(reduce_range),
             "activation_type": str(getattr(activation_type, "name", activation_type)),
             "weight_type": str(getattr(weight_type, "name", weight_type)),
+            "symmetric_activations": bool(symmetric_activations), "quantize_bias": bool(quantize_bias),
             "calibrate_method": calibrate_method, "calibration_samples": int(n),
             "fp32_nodes": list(exclude_nodes)}
 
@@ -456,7 +469,8 @@ def quantize_manifest(manifest, root: PathLike, images: np.ndarray, *, backend: 
                       isa: Optional[Sequence[str]] = None, per_channel: bool = True,
                       calib_samples: int = DEFAULT_CALIB, held_out: int = DEFAULT_HELD_OUT,
                       runs: int = DEFAULT_RUNS, pieces: Optional[Sequence[str]] = None,
-                      progress: Optional[Progress] = None) -> dict:
+                      progress: Optional[Progress] = None, activation_type: str = "QUInt8",
+                      symmetric_activations: bool = False, quantize_bias: bool = True) -> dict:
     """Quantize the ``backend``/``target`` artifacts of ``manifest`` (files under ``root``) in
     place; return the report (also stored in ``manifest.annotations["quantize"]``).
 
@@ -464,7 +478,9 @@ def quantize_manifest(manifest, root: PathLike, images: np.ndarray, *, backend: 
     calibrate, the next ``held_out`` judge agreement (at least 16). ``host_is_target``: this
     machine can stand for the target, so latencies are ``measured``; else they are measured here
     and recorded as ``estimated``. ``measure=False``: no timing, a piece is accepted on its
-    agreement alone (the report says so). The caller saves the manifest."""
+    agreement alone (the report says so). ``activation_type``/``symmetric_activations``/
+    ``quantize_bias``: the QDQ style (:data:`TENSORRT_QDQ` where TensorRT reads the same files). The caller saves the
+    manifest."""
     import onnxruntime as ort
 
     from export.manifest_builder import add_artifact_file
@@ -511,7 +527,9 @@ def quantize_manifest(manifest, root: PathLike, images: np.ndarray, *, backend: 
         "max_agreement_drop": target_drop, "latency_kind": kind,
         "settings": {"format": "QDQ", "per_channel": bool(per_channel),
                      "reduce_range": bool(reduce_range), "reduce_range_why": rr_why,
-                     "activation_type": "QUInt8", "weight_type": "QInt8",
+                     "activation_type": activation_type, "weight_type": "QInt8",
+                     "symmetric_activations": bool(symmetric_activations),
+                     "quantize_bias": bool(quantize_bias),
                      "calibrate_method": "MinMax", "exclude": exclude},
         "calibration": {"images": int(len(x_cal)), "held_out": int(len(x_eval)),
                         "rows_per_piece": int(n_calib)},
@@ -541,7 +559,10 @@ def quantize_manifest(manifest, root: PathLike, images: np.ndarray, *, backend: 
                 out = tmp_dir / f"{p.id}.{vi}{QDQ_SUFFIX}"
                 t0 = time.perf_counter()
                 settings = quantize_piece(portable[p.id], out, cal[p.id], per_channel=per_channel,
-                                          reduce_range=reduce_range, exclude_nodes=excl)
+                                          reduce_range=reduce_range, exclude_nodes=excl,
+                                          activation_type=activation_type,
+                                          symmetric_activations=symmetric_activations,
+                                          quantize_bias=quantize_bias)
                 par = logits_parity(fp32_eval, _run(_session(out), ev[p.id]))
                 ok = par["argmax_agreement"] >= 1.0 - target_drop - 1e-12
                 tried.append({"variant": vname, "fp32_nodes": excl, **par, "passed": ok,
@@ -623,7 +644,8 @@ def quantize_manifest(manifest, root: PathLike, images: np.ndarray, *, backend: 
             rel = f"{backend}/{target}/{p.id}{QDQ_SUFFIX}"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(best["file"], root / rel)
-            opts = {k: v for k, v in art.options.items() if k not in ("saved_optimization_level",)}
+            opts = {k: v for k, v in art.options.items()
+                    if k not in ("saved_optimization_level", "saved_for_provider")}
             opts.update({
                 "saved_optimization_level": "disable",
                 "precision": "int8",
@@ -729,7 +751,9 @@ def quantize_bundle(bundle_dir: PathLike, images: np.ndarray, *,
     is validated and rewritten atomically and the replaced fp32 files are removed. Whether this
     host stands for the target (latencies ``measured``, else ``estimated``) and ``reduce_range``
     come from the bundle's device profile (:func:`target_facts`) unless given in ``kw`` (``host_is_target``, ``reduce_range``, ``arch``, ``isa``; other keys: see
-    :func:`quantize_manifest`)."""
+    :func:`quantize_manifest`). A bundle with tensorrt artifacts is quantized in the TensorRT
+    style (:data:`TENSORRT_QDQ`) and its int8 pieces' tensorrt artifacts are pointed at the QDQ
+    files (:func:`export.tensorrt.backend.use_qdq_pieces`)."""
     from runtime.bundle import Bundle
     from runtime.manifest import MANIFEST_NAME, save_manifest
 
@@ -738,12 +762,17 @@ def quantize_bundle(bundle_dir: PathLike, images: np.ndarray, *,
     m = bundle.manifest.copy()
     target = kw.pop("target", None)
     facts = target_facts(_profile_of(m))
-    for key, value in facts.items():
+    has_trt = any(p.find_artifacts("tensorrt") for p in m.pieces)
+    for key, value in {**facts, **(TENSORRT_QDQ if has_trt else {})}.items():
         if kw.get(key) is None:
             kw[key] = value
     report = quantize_manifest(m, root, images, target=target, exclude=exclude,
                                min_speedup=min_speedup, max_agreement_drop=max_agreement_drop,
                                measure=measure, progress=progress, **kw)
+    if has_trt:  # the tensorrt artifacts of int8 pieces read the same QDQ files
+        from export.tensorrt.backend import use_qdq_pieces
+
+        use_qdq_pieces(m, root, progress=progress)
     save_manifest(m, root / MANIFEST_NAME)
     still = {a.file for p in m.pieces for a in p.artifacts}
     for rel in report.get("replaced_files", []):

@@ -171,14 +171,17 @@ class MonolithicSession:
 
     def __init__(self, path: str | Path, *, input_shape, mean, std, providers=None,
                  intra_op_threads: int = 0, inter_op_threads: int = 0,
-                 graph_optimization_level: str = "all") -> None:
+                 graph_optimization_level: str = "all", provider_options=None,
+                 bundle_dir: str | Path | None = None) -> None:
         import onnxruntime as ort
 
         from runtime.backends.onnxruntime_runner import available_providers, session_options
+        from runtime.backends.provider_options import session_providers
 
         so = session_options(intra_op_threads, inter_op_threads, graph_optimization_level)
-        self.session = ort.InferenceSession(str(path), sess_options=so,
-                                            providers=available_providers(providers))
+        chosen = session_providers(available_providers(providers), provider_options,
+                                   Path(bundle_dir) if bundle_dir else None, path)
+        self.session = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
         self.input_shape, self.mean, self.std = list(input_shape), list(mean), list(std)
         self.options = {"providers": self.session.get_providers(),
                         "intra_op_threads": intra_op_threads, "inter_op_threads": inter_op_threads,
@@ -199,7 +202,8 @@ class MonolithicSession:
                    providers=opts.get("providers"),
                    intra_op_threads=int(opts.get("intra_op_threads") or 0),
                    inter_op_threads=int(opts.get("inter_op_threads") or 0),
-                   graph_optimization_level=opts.get("graph_optimization_level", "all"))
+                   graph_optimization_level=opts.get("graph_optimization_level", "all"),
+                   provider_options=opts.get("provider_options"), bundle_dir=ex.bundle.root)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"x": batch})[0]

@@ -158,17 +158,12 @@ def int8_calibration_images(bundle: Path, npz: Path | None, checkpoint: Path | N
     return normalize(images, mean, std).numpy()
 
 
-@click.command("engines")
-@click.option("--bundle", "-b", required=True, type=click.Path(path_type=Path),
-              help="Device bundle compiled with the tensorrt backend.")
-@click.option("--force", is_flag=True, help="Rebuild engines that are up to date.")
-def engines_cmd(bundle: Path, force: bool) -> None:
-    """Build the TensorRT engines of a device bundle (run this on the device itself)."""
-    from export.tensorrt import TensorRTError, build_bundle_engines, convert_onnx_to_fp16
-    from runtime.bundle import Bundle
+def engine_pieces(b) -> tuple[dict, list[tuple[str, Path, dict]]]:
+    """(profile tensorrt options, [(piece id, ONNX path, build options)]) of a device bundle:
+    what `pipeline engines` passes to ``build_bundle_engines``. An int8 piece's tensorrt
+    artifact is its QDQ ONNX with ``precision: "int8"``, so it builds at that precision."""
     from runtime.errors import UsageError
 
-    b = Bundle.open(bundle)
     pieces, options = [], None
     for piece in b.manifest.pieces:
         found = piece.find_artifacts("tensorrt")
@@ -183,10 +178,25 @@ def engines_cmd(bundle: Path, force: bool) -> None:
             options = opts
         elif opts != options:
             raise UsageError(f"{b.manifest_path}: tensorrt options differ between pieces")
-        pieces.append((piece.id, b.resolve(art.file)))
+        precision = art.options.get("precision", opts.get("precision"))
+        pieces.append((piece.id, b.resolve(art.file), {**opts, "precision": precision}))
     if not pieces:
         raise UsageError(f"{b.manifest_path}: no tensorrt artifacts in this bundle "
                          "(compile it with `pipeline compile --bundle B --device P --backend tensorrt`)")
+    return options, pieces
+
+
+@click.command("engines")
+@click.option("--bundle", "-b", required=True, type=click.Path(path_type=Path),
+              help="Device bundle compiled with the tensorrt backend.")
+@click.option("--force", is_flag=True, help="Rebuild engines that are up to date.")
+def engines_cmd(bundle: Path, force: bool) -> None:
+    """Build the TensorRT engines of a device bundle (run this on the device itself)."""
+    from export.tensorrt import TensorRTError, build_bundle_engines, convert_onnx_to_fp16
+    from runtime.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    options, pieces = engine_pieces(b)
     try:
         # fp16 on TensorRT >= 11 with an FP32 ONNX: ModelOpt AutoCast before the build (the
         # plan says so: onnx_conversion = "fp16"); never called for TensorRT 10 plans

@@ -647,6 +647,10 @@ class DeploymentTarget:
             if k not in known:
                 v.fail(_key(po, k), f"unknown {backend_info(backend).name} runner option "
                                     f"(known: {', '.join(sorted(known))})")
+        if opts.get("provider_options") is not None:  # onnxruntime: per execution provider
+            from .backends.provider_options import check as check_provider_options
+
+            check_provider_options(v, opts["provider_options"], _key(po, "provider_options"))
         return cls(backend=backend, target=v.ident(d["target"], _key(p, "target"), "a target"),
                    requires=Requirements._parse(v, d.get("requires", {}), _key(p, "requires")),
                    runner_options=opts)

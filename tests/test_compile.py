@@ -278,8 +278,80 @@ def test_jetson_bundle_carries_its_deployment_record(portable, tmp_path):
     assert ort.requires.arch == "aarch64" and not ort.requires.gpu
     assert ort.runner_options == {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                                   "intra_op_threads": 6, "inter_op_threads": 1,
-                                  "graph_optimization_level": "all"}
+                                  "graph_optimization_level": "all",
+                                  "provider_options": {"CUDAExecutionProvider": {
+                                      "device_id": 0, "arena_extend_strategy": "kSameAsRequested"}}}
+    # the artifacts carry them too (like the thread counts), and the bundle runs here on the CPU
+    art = m.piece("stage0.full").find_artifacts("onnxruntime")[0]
+    assert art.options["provider_options"] == ort.runner_options["provider_options"]
+    assert art.options["saved_optimization_level"] == "basic"
+    assert art.options["saved_for_provider"] == "CUDAExecutionProvider"
     # the portable fallback runs anywhere, with the device's onnxruntime options
     portable_entry = dep.target("onnx", "portable")
     assert portable_entry.requires.arch is None
     assert portable_entry.runner_options == ort.runner_options
+
+
+def test_int8_tensorrt_artifacts_read_the_qdq_files(portable, tmp_path):
+    """`compile --precision int8` for a TensorRT profile: the int8 pieces' tensorrt artifacts
+    point at the QDQ ONNX (the same file as their onnxruntime artifact), with an int8 build
+    plan (explicit quantization) that TensorRT can read (int8, zero point 0); the other pieces
+    keep the FP32 ONNX at the profile's precision; `pipeline engines` builds each piece with
+    its own precision."""
+    from export.tensorrt import inspect_onnx
+    from pipeline.export_cmd import engine_pieces
+
+    _, state = model_from_checkpoint(portable[0])
+    images, _ = load_parity_images(state, 64)
+    x = normalize(images, state["dataset"]["mean"], state["dataset"]["std"]).numpy()
+    out = compile_bundle(portable[1], "jetson-orin-nano", backends=["onnxruntime", "tensorrt"],
+                         out_dir=tmp_path / "q", progress=None, precision="int8", calib_images=x,
+                         quantize_options={"min_speedup": 0.01, "max_agreement_drop": 0.5,
+                                           "calib_samples": 32, "held_out": 16, "runs": 3})
+    b = Bundle.open(out)
+    m = b.manifest
+    assert m.annotations["quantize"]["settings"]["activation_type"] == "QInt8"
+    int8, fp32 = [], []
+    for p in m.pieces:
+        ort_art = p.find_artifacts("onnxruntime")[0]
+        trt_art = p.find_artifacts("tensorrt")[0]
+        plan = trt_art.options["build_plan"]
+        if ort_art.options["precision"] == "int8":
+            int8.append(p.id)
+            assert trt_art.file == ort_art.file and trt_art.file.endswith(".int8.onnx")
+            assert trt_art.options["precision"] == plan["precision"] == "int8"
+            assert plan["builder_flags"] == ["INT8"] and plan["onnx_has_qdq"]
+            assert trt_art.options["profile_options"]["precision"] == "fp16"
+            assert inspect_onnx(b.resolve(trt_art.file)).qdq_problem is None
+        else:
+            fp32.append(p.id)
+            assert trt_art.file == p.find_artifacts("onnx")[0].file
+            assert trt_art.options["precision"] == plan["precision"] == "fp16"
+    assert int8, m.annotations["quantize"]["rejected"]
+    options, pieces = engine_pieces(b)
+    assert options["precision"] == "fp16"
+    by_id = {pid: (path, opts) for pid, path, opts in pieces}
+    for pid in int8:
+        assert by_id[pid][1]["precision"] == "int8" and by_id[pid][0].name.endswith(".int8.onnx")
+    for pid in fp32:
+        assert by_id[pid][1]["precision"] == "fp16"
+
+    # a merged piece added later (the router's spans) and quantized in place follows too
+    import shutil
+
+    from export.merge import add_merged_pieces
+    from export.quantize import quantize_bundle
+
+    later = tmp_path / "later"
+    shutil.copytree(out, later)
+    (pid,) = add_merged_pieces(later, [(0, 2, "FFF")], progress=None)
+    report = quantize_bundle(later, x, min_speedup=0.01, max_agreement_drop=0.5, calib_samples=32,
+                             held_out=16, runs=3, progress=None, pieces=[pid])
+    assert report["settings"]["activation_type"] == "QInt8"
+    piece = Bundle.open(later).manifest.piece(pid)
+    trt_art = piece.find_artifacts("tensorrt")[0]
+    if report["pieces"][pid]["decision"] == "int8":
+        assert trt_art.file == piece.find_artifacts("onnxruntime")[0].file
+        assert trt_art.options["build_plan"]["precision"] == "int8"
+    else:
+        assert trt_art.options["precision"] == "fp16"

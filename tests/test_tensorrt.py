@@ -555,3 +555,58 @@ def test_compile_plans_trt11_fp16_as_a_conversion(models):
     assert fp32.onnx_conversion is None
     trt10 = build_plan(load_profile("nvidia-gpu"), models["fp32"])  # unchanged on TensorRT 10
     assert trt10.builder_flags == ("FP16",) and trt10.onnx_conversion is None
+
+
+# ------------------------------------------------------------------- QDQ that TensorRT reads
+def _qdq_with_zero_point(path: Path, zp: np.ndarray) -> Path:
+    model = _conv_graph(["N", 3, 8, 8], qdq=True)
+    for t in model.graph.initializer:
+        if t.name == "zp":
+            t.CopyFrom(numpy_helper.from_array(zp, "zp"))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("zp, why", [(np.array(128, np.uint8), "UINT8 zero point"),
+                                     (np.array(3, np.int8), "nonzero zero point")])
+def test_asymmetric_or_uint8_qdq_is_refused_by_the_plan(tmp_path, zp, why):
+    """TensorRT's explicit quantization reads signed int8 Q/DQ with zero point 0 only: a uint8
+    or asymmetric QDQ file (onnxruntime's default U8 activations) is refused at plan time,
+    naming the node and the way to quantize for TensorRT."""
+    path = _qdq_with_zero_point(tmp_path / "q.onnx", zp)
+    assert why in inspect_onnx(path).qdq_problem
+    for version in (TRT10, TRT11):
+        with pytest.raises(TensorRTConfigError, match="TENSORRT_QDQ") as err:
+            make_build_plan(path, {"precision": "int8"}, version)
+        assert err.value.option == "precision" and why in str(err.value)
+
+
+def test_quantize_piece_in_the_tensorrt_style_gives_a_plan(models, tmp_path):
+    """`export.quantize.TENSORRT_QDQ` (what compile uses when the bundle has a tensorrt backend):
+    int8 symmetric activations, fp32 biases; TensorRT 10 and 11 plan it as INT8, and ONNX Runtime
+    runs the same file."""
+    import onnxruntime as ort
+
+    from export.quantize import TENSORRT_QDQ, quantize_piece
+
+    x = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    default = quantize_piece(models["fp32"], tmp_path / "u8.onnx", {"x": x})
+    assert default["activation_type"] == "QUInt8"
+    assert inspect_onnx(tmp_path / "u8.onnx").qdq_problem  # onnxruntime's default: not for TensorRT
+    settings = quantize_piece(models["fp32"], tmp_path / "s8.onnx", {"x": x}, **TENSORRT_QDQ)
+    assert settings["activation_type"] == "QInt8" and settings["symmetric_activations"]
+    info = inspect_onnx(tmp_path / "s8.onnx")
+    assert info.has_qdq and info.qdq_problem is None
+    assert make_build_plan(info, {"precision": "int8"}, TRT10).builder_flags == ("INT8",)
+    assert make_build_plan(info, {"precision": "int8"}, TRT11).builder_flags == ()
+    out = ort.InferenceSession(str(tmp_path / "s8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x[:2]})
+    assert out[0].shape == (2, 4, 8, 8)
+
+
+def test_qdq_piece_precision():
+    """A QDQ piece's engine precision: int8 whatever the profile says, except best (FP16 and
+    INT8 on TensorRT 10); fp16 with Q/DQ nodes would be refused by the plan."""
+    from export.tensorrt.backend import qdq_precision
+
+    assert qdq_precision("fp16") == "int8" and qdq_precision("fp32") == "int8"
+    assert qdq_precision("best") == "best"

@@ -186,15 +186,18 @@ class BuiltEngine:
 
 
 def build_bundle_engines(bundle_dir: str | Path, profile_options: Mapping[str, Any],
-                         pieces: Sequence[tuple[str, str | Path]], *, trt=None,
+                         pieces: Sequence[tuple[str, str | Path] | tuple[str, str | Path, Mapping[str, Any]]],
+                         *, trt=None,
                          compute_capability: Any = None,
                          fp16_converter: Callable[[Path, Path], Any] | None = None,
                          force: bool = False, log: Callable[[str], None] | None = None) -> list[BuiltEngine]:
     """Build (or reuse) the engine of every ``(piece_id, onnx_path)`` into ``bundle_dir/engines/``.
 
     What ``pipeline engines --bundle B`` runs on the device. ``profile_options`` is the device
-    profile's ``tensorrt`` options dict. INT8 pieces are QDQ ONNX files (explicit quantization,
-    :mod:`export.quantize`); there is no calibration step here. ``fp16_converter(src, dst)`` (e.g.
+    profile's ``tensorrt`` options dict; a ``(piece_id, onnx_path, options)`` entry builds that
+    piece with its own options (an int8 piece of a mixed bundle: ``precision = "int8"``). INT8
+    pieces are QDQ ONNX files (explicit quantization, :mod:`export.quantize`); there is no
+    calibration step here. ``fp16_converter(src, dst)`` (e.g.
     :func:`export.tensorrt.convert_onnx_to_fp16`) is used on TensorRT >= 11 when FP16 is
     requested for an FP32-only ONNX. Up-to-date engines are kept unless ``force``.
     """
@@ -209,9 +212,10 @@ def build_bundle_engines(bundle_dir: str | Path, profile_options: Mapping[str, A
     cc = normalize_compute_capability(cc)
     cache = EngineCache(bundle_dir, cc, version)
     results = []
-    for piece_id, onnx_path in pieces:
-        onnx_path = Path(onnx_path)
-        plan = make_build_plan(onnx_path, profile_options, version, compute_capability=cc,
+    for entry in pieces:
+        piece_id, onnx_path = entry[0], Path(entry[1])
+        options = entry[2] if len(entry) > 2 and entry[2] is not None else profile_options
+        plan = make_build_plan(onnx_path, options, version, compute_capability=cc,
                                allow_fp16_conversion=fp16_converter is not None)
         onnx_sha = sha256_file(onnx_path)
         key = cache.key(onnx_sha, plan)

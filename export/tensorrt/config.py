@@ -116,6 +116,26 @@ class OnnxInfo:
     has_qdq: bool
     has_fp16: bool
     path: str | None = None
+    qdq_problem: str | None = None  # why TensorRT cannot read its Q/DQ nodes (not int8, zp != 0)
+
+
+def _qdq_problem(node, inits: Mapping[str, Any]) -> str | None:
+    """Why a Q/DQ node is not TensorRT's explicit quantization (signed int8, zero point 0)."""
+    from onnx import TensorProto, numpy_helper
+
+    if len(node.input) < 3 or not node.input[2]:
+        if node.op_type == "QuantizeLinear" and not any(a.name == "output_dtype" for a in node.attribute):
+            return f"{node.op_type} '{node.name}' has no zero point (uint8 by default)"
+        return None
+    zp = inits.get(node.input[2])
+    if zp is None:  # computed: not checked here
+        return None
+    if zp.data_type != TensorProto.INT8:
+        return (f"{node.op_type} '{node.name}' has a {TensorProto.DataType.Name(zp.data_type)} "
+                "zero point (TensorRT reads int8 only)")
+    if numpy_helper.to_array(zp).any():
+        return f"{node.op_type} '{node.name}' has a nonzero zero point (TensorRT: symmetric only)"
+    return None
 
 
 def _iter_graphs(graph):
@@ -160,6 +180,7 @@ def inspect_onnx(source: str | Path | Any) -> OnnxInfo:
         inputs.append(OnnxInput(vi.name, dims, TensorProto.DataType.Name(tt.elem_type)))
 
     has_qdq = has_fp16 = False
+    problem = None
     graphs = list(_iter_graphs(graph))
     for fn in model.functions:
         for node in fn.node:
@@ -170,15 +191,17 @@ def inspect_onnx(source: str | Path | Any) -> OnnxInfo:
         for vi in [*g.input, *g.output, *g.value_info]:
             if vi.type.tensor_type.elem_type == fp16:
                 has_fp16 = True
+        inits = {t.name: t for t in g.initializer}
         for node in g.node:
             if node.op_type in QDQ_OPS and node.domain in ("", "ai.onnx"):
                 has_qdq = True
+                problem = problem or _qdq_problem(node, inits)
             for attr in node.attribute:
                 if node.op_type == "Cast" and attr.name == "to" and attr.i == fp16:
                     has_fp16 = True
                 if attr.HasField("t") and attr.t.data_type == fp16:
                     has_fp16 = True
-    return OnnxInfo(tuple(inputs), has_qdq, has_fp16, path)
+    return OnnxInfo(tuple(inputs), has_qdq, has_fp16, path, problem)
 
 
 # ---------------------------------------------------------------------------------------- options
@@ -363,6 +386,13 @@ def make_build_plan(onnx: str | Path | Any | OnnxInfo,
                                         "(Xavier, TensorRT 8.5) should use the onnxruntime backend")
     onnx_name = Path(info.path).name if info.path else "model.onnx"
     stem = Path(onnx_name).stem
+    if info.has_qdq and info.qdq_problem:
+        raise TensorRTConfigError(
+            "precision", f"{onnx_name}: {info.qdq_problem}; TensorRT's explicit quantization reads "
+                         "signed int8 Q/DQ with zero point 0. Quantize with int8 symmetric "
+                         "activations (export.quantize.TENSORRT_QDQ, what `pipeline compile "
+                         "--precision int8` uses when the bundle has a tensorrt backend) or ModelOpt: "
+                         f"`{MODELOPT_QUANTIZE_CMD.format(onnx=onnx_name, stem=stem)}`")
     specs, profiles = _input_specs(info, opts)
     notes: list[str] = []
     flags: list[str] = []

@@ -45,7 +45,7 @@ class Backend:
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("onnxruntime", "onnxruntime", "runtime.backends.onnxruntime_runner",
             "export.onnxruntime_backend",
-            frozenset({"providers", "intra_op_threads", "inter_op_threads",
+            frozenset({"providers", "provider_options", "intra_op_threads", "inter_op_threads",
                        "graph_optimization_level", "allow_spinning"}),
             "ONNX Runtime sessions (the embedded default)"),
     Backend("tvm", "tvm", "runtime.backends.tvm_runner", "export.tvm.backend",

@@ -10,7 +10,11 @@ Robust on a real device (docs/runtime.md, "Threads and execution providers"):
   (:class:`ProviderUnavailableWarning`, ``runner.providers_missing``), never dropped silently;
   ``runner.providers`` is what the session really runs with;
 * unknown runner options are refused with a :class:`runtime.errors.ConfigError` listing the
-  known ones.
+  known ones;
+* ``provider_options`` (per execution provider, checked against
+  :data:`runtime.backends.provider_options.KNOWN`) go to the providers this onnxruntime has,
+  as ``InferenceSession(providers=[(name, options), ...])``; the TensorRT EP's engine cache
+  is placed in the bundle's ``engines/`` directory.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from runtime.backends import backend_info, runner_options
+from runtime.backends import backend_info, provider_options as _po, runner_options
 from runtime.host import usable_cores
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -179,6 +183,20 @@ def check_options(options: dict[str, Any], file: object) -> None:
         elif key == "allow_spinning":
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 raise ConfigError(file, field, f"expected true, false or null, got {value!r}")
+        elif key == "provider_options" and value is not None:
+            from runtime.validate import Validator
+
+            _po.check(Validator(str(file)), value, field)
+
+
+def bundle_root(path: Path, depth: int = 8) -> Optional[Path]:
+    """The directory holding ``manifest.json`` above ``path`` (the bundle), or None."""
+    from runtime.manifest import MANIFEST_NAME
+
+    for d in [path.parent, *path.parent.parents][:depth]:
+        if (d / MANIFEST_NAME).is_file():
+            return d
+    return None
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -201,20 +219,27 @@ class ORTPieceRunner:
     After construction: ``providers`` (what the session runs with, ``session.get_providers()``),
     ``providers_requested``, ``providers_missing`` (requested, not running: not in this
     onnxruntime build, or failed to start), ``intra_op_threads`` / ``inter_op_threads`` (what
-    the session got; 0 = onnxruntime's default) and ``threads_requested`` (intra, inter) as asked.
+    the session got; 0 = onnxruntime's default), ``threads_requested`` (intra, inter) as asked
+    and ``session_providers`` (the ``(provider, options)`` pairs the session was given).
+    ``provider_options``: per provider (:mod:`runtime.backends.provider_options`); the TensorRT
+    EP's engine cache goes under the bundle's ``engines/`` (``bundle_dir``, default: the
+    directory holding ``manifest.json`` above ``path``).
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization_level: str = "all", *, model_bytes: bytes | None = None,
-                 allow_spinning: Optional[bool] = None, **unknown: Any) -> None:
+                 allow_spinning: Optional[bool] = None,
+                 provider_options: Optional[dict[str, dict[str, Any]]] = None,
+                 bundle_dir: str | Path | None = None, **unknown: Any) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
         check_options({"providers": providers, "intra_op_threads": intra_op_threads,
                        "inter_op_threads": inter_op_threads,
                        "graph_optimization_level": graph_optimization_level,
-                       "allow_spinning": allow_spinning, **unknown}, self.path)
+                       "allow_spinning": allow_spinning, "provider_options": provider_options,
+                       **unknown}, self.path)
         self.threads_requested = (int(intra_op_threads or 0), int(inter_op_threads or 0))
         self.intra_op_threads, self.inter_op_threads = clamp_threads(intra_op_threads,
                                                                      inter_op_threads)
@@ -228,9 +253,15 @@ class ORTPieceRunner:
         source = model_bytes if model_bytes is not None else str(self.path)
         self.providers_requested = list(providers or [])
         have = ort.get_available_providers()
+        chosen = available_providers(providers)
+        root = None
+        if any(ep == _po.TRT_EP for ep in chosen):
+            root = Path(bundle_dir) if bundle_dir is not None else bundle_root(self.path)
+        #: what the session was given: [(provider, options)], only providers this build has
+        self.session_providers = _po.session_providers(chosen, provider_options, root, self.path)
         try:
             self.session = ort.InferenceSession(source, sess_options=so,
-                                                providers=available_providers(providers))
+                                                providers=self.session_providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception classes
             if type(exc).__name__ in _NOT_THE_ARTIFACT or isinstance(exc, MemoryError):
                 raise
