@@ -486,6 +486,7 @@ def _print_inspect(d: dict) -> None:
                      _macs(p["macs"]), arts or "(none)"])
     _table(rows)
     st = d["stopping"]
+    stops = ""
     if st["rule"]:
         params = json.dumps(st["params"], separators=(",", ":"))
         if st["rule"] == "router" and isinstance(st["params"].get("policies"), list):
@@ -494,6 +495,7 @@ def _print_inspect(d: dict) -> None:
             params = (f"(kept exits {default.get('exits')}, first span {default.get('start')}, "
                       f"{len(pols)} policies, {len(st['params'].get('budgets') or [])} budgets, "
                       f"epsilon {st['params'].get('epsilon')})")
+            stops = _router_stops(default)
         if len(params) > 160:
             params = params[:157] + "..."
         acc = st["val_accuracy"]
@@ -504,6 +506,8 @@ def _print_inspect(d: dict) -> None:
                    + (f"; calibrated on {st['skip_config']}" if st["skip_config"] else "")
                    + (f" ({st['n']} images of {st['data']})" if st["n"] else "")
                    + (f"; costs: {st['cost_source']}" if st["cost_source"] else ""))
+        if st["rule"] == "router" and stops:
+            click.echo(f"  default policy stops at max_prob >= {stops}")
     else:
         click.echo("stopping rule: none (not calibrated: full depth; `pipeline calibrate`)")
     if d["latency"]:
@@ -677,3 +681,19 @@ def doctor_cmd(bundle: Path, device: Optional[str], as_json: bool) -> None:
         why = "; ".join(f"{s.backend}/{s.target}: {s.reason}" for s in statuses) or \
             "no artifacts"
         raise UsageError(f"no backend can run {b.root} on this machine ({why})")
+
+
+def _router_stops(policy: dict) -> str:
+    """``path threshold`` per decision path of a router policy ("never" where it goes on)."""
+    from runtime.routing import RouterPolicy
+
+    try:
+        pol = RouterPolicy(policy["exits"], policy["start"], policy["decisions"],
+                           lam=policy.get("lam", 0.0))
+    except (KeyError, TypeError, ValueError):
+        return ""
+    parts = []
+    for path in sorted(pol.decisions, key=lambda p: (len(p), p)):
+        t = pol.stop_threshold(path)
+        parts.append(f"{path} {'never' if t is None else format(t, '.3f')}")
+    return ", ".join(parts)

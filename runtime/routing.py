@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .exits import top_prob
-from .rules import StopContext, StoppingRule, _check_keys, _py
+from .rules import RULES, StopContext, StoppingRule, _check_keys, _py
 from .validate import Validator, type_name
 
 __all__ = ["RouterPolicy", "RouterRule", "STOP", "DEFAULT_EPSILON", "spans_of"]
@@ -130,6 +130,20 @@ class RouterPolicy:
         if d is None:
             return (STOP,)
         return d.ranked[bisect_right(d.breaks, confidence)]
+
+    def stop_threshold(self, path: str) -> Optional[float]:
+        """The confidence from which on the first action at ``path`` is to stop (every
+        interval above it stops first); None when even the top interval goes on. A path the
+        policy never reaches stops at any confidence: 0."""
+        d = self.decisions.get(path)
+        if d is None:
+            return 0.0
+        i = len(d.ranked)
+        while i > 0 and d.ranked[i - 1][0] == STOP:
+            i -= 1
+        if i == len(d.ranked):
+            return None
+        return 0.0 if i == 0 else float(d.breaks[i - 1])
 
     def interval(self, path: str, confidence: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`ranked`: the index of each confidence's interval (into
@@ -267,3 +281,5 @@ def check_router_for_manifest(rule: RouterRule, stages: int, source: str) -> Non
                           f"the router's policies end at exit {rule.stages - 1}, the model has "
                           f"{stages} exits")
 
+
+RULES["router"] = RouterRule

@@ -588,9 +588,7 @@ RULES: dict[str, type[StoppingRule]] = {
     "full": FullDepthRule,
 }
 
-from .routing import RouterRule  # noqa: E402  (the router is a rule of its own module)
-
-RULES["router"] = RouterRule
+from . import routing  # noqa: E402,F401  (the router is a rule of its own module; it registers itself)
 
 
 def make_rule(name: str, params: Optional[Mapping[str, Any]] = None) -> StoppingRule:

@@ -86,6 +86,29 @@ def test_router_round_trips_and_picks_the_policy_of_a_budget():
     assert rule.used_spans() == {(0, 0, "F"), (1, 1, "T"), (1, 1, "F"), (0, 1, "FF")}
 
 
+def test_stop_threshold_is_where_stopping_comes_first():
+    from runtime.routing import RouterPolicy
+
+    p = RouterPolicy([0, 1, 2], "F", {
+        "F": {"breaks": [0.5, 0.7, 0.9], "ranked": [["F", "stop"], ["stop"], ["T", "stop"],
+                                                    ["stop"]]},
+        "FF": {"breaks": [0.4], "ranked": [["F", "stop"], ["T", "stop"]]},
+        "FT": {"breaks": [], "ranked": [["stop"]]}})
+    # F stops above 0.5 but goes on again in [0.7, 0.9): the threshold is where it stops for good
+    assert p.stop_threshold("F") == 0.9 and p.ranked("F", 0.9) == (STOP,)
+    assert p.stop_threshold("FF") is None
+    assert p.stop_threshold("FT") == 0.0 and p.stop_threshold("TT") == 0.0
+
+
+def test_the_router_module_imports_on_its_own():
+    import subprocess
+    import sys
+
+    # importing runtime.routing before runtime.rules must work (and register the rule)
+    code = "import runtime.routing as r, runtime.rules as q; assert q.RULES['router'] is r.RouterRule"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_isotonic_fit_is_non_decreasing_and_follows_the_data():
     rng = np.random.default_rng(1)
     s = rng.uniform(size=5000)
@@ -287,3 +310,22 @@ def test_runtime_routes_like_the_simulation(bundles, val_images):
             assert p.class_id == probs[path + "F" * (3 - len(path))][sim.exit[i], i].argmax()
         if pol_i == 1:
             assert len({p.exit_index for p in one}) > 1  # the test routes for real
+
+
+def test_inspect_shows_where_the_router_stops(bundles, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from runtime.manifest import Stopping
+    from runtime.routing import RouterPolicy
+
+    rule = RouterRule([RouterPolicy(**{"exits": [0, 1, 2], "start": "F", "decisions": {
+        "F": {"breaks": [0.75], "ranked": [["F", "stop"], ["stop"]]},
+        "FF": {"breaks": [], "ranked": [["F", "stop"]]}}})])
+    b = copy_bundle(bundles[1], tmp_path / "b")
+    edit_manifest(b, lambda m: setattr(m, "stopping", Stopping(
+        rule="router", params=rule.params(), val_accuracy=0.9, mean_latency_ms=1.0,
+        created=utc_now_iso())))
+    r = CliRunner().invoke(cli, ["inspect", str(b)])
+    assert r.exit_code == 0, r.output
+    assert "default policy stops at max_prob >= F 0.750, FF never" in r.output
