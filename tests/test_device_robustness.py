@@ -179,7 +179,7 @@ def test_missing_execution_provider_is_reported(tiny_onnx, fresh_warnings):
 @pytest.mark.parametrize("options, field, match", [
     ({"intra_op_thread": 2}, "options.intra_op_thread",
      "unknown onnxruntime runner option (known: allow_spinning, graph_optimization_level, "
-     "inter_op_threads, intra_op_threads, providers)"),
+     "inter_op_threads, intra_op_threads, provider_options, providers)"),
     ({"device": "cuda"}, "options.device", "unknown onnxruntime runner option"),
     ({"intra_op_threads": "two"}, "options.intra_op_threads", "expected an integer >= 0"),
     ({"intra_op_threads": -1}, "options.intra_op_threads", "expected an integer >= 0"),

@@ -63,6 +63,20 @@ def test_twin_statistics_are_the_variants_own(data):
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[-1], b[-1])
 
 
+def test_evaluation_by_configuration_uses_the_twin_heads(data):
+    from train.evaluate import exit_probabilities_by_config
+
+    model = perturbed_model(data)
+    new = recalibrate_exit_norms(model, data.train.images[:64], data.mean, data.std, batch_size=32)
+    configs = [tuple(c) for c in itertools.product((False, True), repeat=new.num_stages)]
+    probs, _ = exit_probabilities_by_config(new, data.val, data.mean, data.std, configs)
+    x = normalize_batch(data.val.images, data.mean, data.std)
+    with torch.no_grad():
+        for c in configs:  # the prefix tree gives what a forward pass of that configuration gives
+            want = torch.stack([z.softmax(dim=1) for z in new(x, skip=c)]).numpy()
+            assert abs(probs[c] - want).max() < 1e-5, c
+
+
 def test_a_checkpoint_from_before_the_twins_loads_into_a_twin_model(data):
     model = perturbed_model(data)
     twin = create_model("resnet20_adn", **{**model.model_config(), "exit_norm_twins": True})

@@ -152,6 +152,45 @@ def test_adn_loss_combination_and_plain_training():
     assert loss.item() == pytest.approx(ce.item() + stats["l_depth"], rel=1e-5)
 
 
+def test_distilling_from_the_final_exit():
+    model = _model()
+    x, y = _toy_batch(16)
+    s, b, _ = _forward(model, x)
+    fn = ADNLoss(3, alpha=0.4, temperature=2.0, distill_from="final")
+    loss, stats = fn(s, b, y)
+    w = default_exit_weights(3)
+    # every base exit learns from the super-net's final exit; so do the super-net's earlier exits
+    kl_base = distillation_kl(b, [s[-1]] * 3, 2.0)
+    kl_super = distillation_kl(s[:2], [s[-1]] * 2, 2.0, w[:2]) * sum(w[:2])
+    assert stats["kl_super"] == pytest.approx(kl_super.item(), rel=1e-5)
+    assert stats["kl_base"] == pytest.approx(kl_base.item() + kl_super.item(), rel=1e-5)
+    ce = exit_cross_entropy(s, y)
+    assert loss.item() == pytest.approx(0.4 * ce.item() + 0.6 * stats["kl_base"], rel=1e-5)
+    # alpha = 0: the gradient reaches the base-net and the super-net's earlier exits, never the
+    # teacher (the super-net's final exit)
+    loss, _ = ADNLoss(3, alpha=0.0, distill_from="final")(s, b, y)
+    grads = torch.autograd.grad(loss, list(s) + list(b), allow_unused=True)
+    assert grads[2] is None or not grads[2].any()
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[:2] + grads[3:])
+
+
+def test_depth_on_the_base_net_adds_its_own_term():
+    model = _model()
+    x, y = _toy_batch(16)
+    s, b, inc = _forward(model, x)
+    depth = DepthLoss([1, 1, 1], lam=0.2)
+    only_super, st_super = ADNLoss(3, depth=depth)(s, b, y, inc)
+    both, st_both = ADNLoss(3, depth=depth, depth_on="super+base")(s, b, y, inc)
+    base_term, _ = depth(b, y)
+    assert "l_depth_base" not in st_super
+    assert st_both["l_depth_base"] == pytest.approx(base_term.item(), rel=1e-5)
+    assert both.item() == pytest.approx(only_super.item() + base_term.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="depth_on"):
+        ADNLoss(3, depth_on="base")
+    with pytest.raises(ValueError, match="distill_from"):
+        ADNLoss(3, distill_from="first")
+
+
 # ------------------------------------------------------------------------------------------------
 # the stopping distribution and L_depth
 # ------------------------------------------------------------------------------------------------

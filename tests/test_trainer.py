@@ -126,6 +126,22 @@ def test_config_errors_name_the_field(tmp_path):
     assert (cfg.epochs, cfg.lr) == (3, 0.3)
 
 
+def test_depth_loss_switch_and_lambda_zero(tmp_path):
+    """depth_loss = false drops L_depth; lambda = 0 keeps its stopping-weighted cross-entropy
+    (without the cost); the new options reach the loss."""
+    from train.trainer import Trainer
+
+    common = dict(data="synthetic:chans=1,size=28", epochs=1, max_steps=1, batch_size=16,
+                  warmup_epochs=0, out=str(tmp_path / "r"))
+    assert Trainer(TrainConfig(depth_loss=False, **common)).loss_fn.depth is None
+    fn = Trainer(TrainConfig(depth_lambda=0.0, distill_from="final", depth_on="super+base",
+                             **common)).loss_fn
+    assert fn.depth is not None and fn.depth.lam == 0.0
+    assert (fn.distill_from, fn.depth_on) == ("final", "super+base")
+    with pytest.raises(ValueError, match="depth_on"):
+        TrainConfig(depth_on="base")
+
+
 @pytest.mark.parametrize("name", ["resnet20_adn", "vit_tiny_adn"])
 def test_adn_step_gradients_reach_every_parameter(name):
     from train.losses import ADNLoss, DepthLoss
@@ -147,3 +163,28 @@ def test_adn_step_gradients_reach_every_parameter(name):
     params = dict(model.named_parameters()) | {f"loss.{k}": p for k, p in loss_fn.named_parameters()}
     no_grad = [k for k, p in params.items() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not no_grad, no_grad
+
+
+@pytest.mark.parametrize("env, capped", [
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, False),
+])
+def test_bf16_auto_follows_the_isa_cap(env, capped):
+    """bf16 "auto" is off where torch's kernels are capped below native bf16 (as on an
+    AVX2-only CPU), whatever /proc/cpuinfo lists."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from train.precision import _capped_below_avx512 as c; "
+            "print(int(c()))")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    if not capped and subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+            env=base, capture_output=True, text=True).stdout.strip() in ("AVX2", "DEFAULT"):
+        capped = True  # this CPU itself has no AVX-512: torch's capability says so
+    assert out == str(int(capped))

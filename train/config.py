@@ -44,8 +44,12 @@ class TrainConfig:
     alpha: float = 0.5
     kd_temperature: float = 1.0
     exit_weights: list[float] | None = None
+    distill_from: str = "same-exit"  # same-exit | final: what the exits learn from (train/losses.py)
 
-    # L_depth (optimal-stopping regulariser); depth_lambda = 0 disables it.
+    # L_depth (optimal-stopping regulariser). depth_loss = false drops it; depth_lambda = 0 keeps
+    # its stopping-weighted cross-entropy without the cost of depth.
+    depth_loss: bool = True
+    depth_on: str = "super"  # super | super+base: the passes L_depth is applied to
     depth_lambda: float = 0.5
     depth_halting: str = "confidence"  # confidence | learned
     depth_tau: float = 0.8
@@ -96,6 +100,11 @@ _DEFAULTS: dict[str, Any] = {f.name: (f.default if f.default is not dataclasses.
                              for f in dataclasses.fields(TrainConfig)}
 
 
+#: what a sub-network's exits learn from: the super-net's exit of the same index, or its final exit
+DISTILL_FROM: tuple[str, ...] = ("same-exit", "final")
+#: the passes L_depth is applied to
+DEPTH_ON: tuple[str, ...] = ("super", "super+base")
+
 #: what ``trainable`` may be: every parameter, the exit heads only, the heads and the last stage
 TRAINABLE: tuple[str, ...] = ("all", "exits", "exits+last")
 
@@ -139,6 +148,9 @@ _CHECKS: dict[str, Callable[[Validator, Any, str], object]] = {
     "alpha": lambda v, x, p: v.num(x, p, lo=0, hi=1),
     "kd_temperature": lambda v, x, p: v.num(x, p, lo=0, lo_open=True),
     "exit_weights": lambda v, x, p: None if x is None else v.list_of(x, p, _nonneg(v), min_len=1),
+    "distill_from": lambda v, x, p: v.enum(x, p, DISTILL_FROM),
+    "depth_loss": lambda v, x, p: v.bool_(x, p),
+    "depth_on": lambda v, x, p: v.enum(x, p, DEPTH_ON),
     "depth_lambda": lambda v, x, p: v.num(x, p, lo=0),
     "depth_halting": lambda v, x, p: v.enum(x, p, ("confidence", "learned")),
     "depth_tau": lambda v, x, p: v.num(x, p),

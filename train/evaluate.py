@@ -24,7 +24,7 @@ def _prefix_tree_probabilities(model: AdaptiveDepthNet, x: Tensor,
         for prefix in dict.fromkeys(c[:k + 1] for c in configs):
             h, probs = level[prefix[:-1]]
             h = model.forward_stage(k, h, prefix[-1])
-            following[prefix] = (h, probs + [model.forward_head(k, h).float().softmax(dim=1)])
+            following[prefix] = (h, probs + [model.forward_head_for(k, h, prefix[-1]).float().softmax(dim=1)])
         level = following
     return {c: torch.stack(level[c][1]) for c in configs}
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from train.config import DEPTH_ON, DISTILL_FROM
+
 __all__ = [
     "default_exit_weights",
     "normalize_weights",
@@ -37,9 +39,13 @@ __all__ = [
     "LearnedHalting",
     "DepthLoss",
     "ADNLoss",
+    "DISTILL_FROM",
+    "DEPTH_ON",
 ]
 
 Halting = Literal["confidence", "learned"]
+DistillFrom = Literal["same-exit", "final"]
+DepthOn = Literal["super", "super+base"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,18 +457,28 @@ class DepthLoss(nn.Module):
 # the combined training objective
 # ----------------------------------------------------------------------------------------------
 class ADNLoss(nn.Module):
-    """ADN training loss over all exits, optionally with ``L_depth`` on the super-net.
+    """ADN training loss over all exits, optionally with ``L_depth``.
 
-    ``loss = alpha * CE(super) + (1 - alpha) * T^2 * KL(softmax(super/T) detached || softmax(base/T))
-    + L_depth(super)``, every term summed over exits with the exit weights (exit k of the base-net
-    learns from exit k of the super-net). Without ``base_logits`` (plain training, no sub-path
-    distillation) the label term gets the full weight: ``loss = CE(super) [+ L_depth(super)]``.
-    ``L_depth`` is applied to the super-net only (docs/l_depth.md explains why not to the base-net).
+    ``loss = alpha * CE(super) + (1 - alpha) * T^2 * KL(teacher detached || softmax(base/T))
+    + L_depth(super)``, every term summed over exits with the exit weights. The teacher
+    (``distill_from``): ``"same-exit"``, exit k of the base-net learns from exit k of the
+    super-net; ``"final"``, every base-net exit and every earlier super-net exit learns from the
+    super-net's final exit (the super-net's early exits then get ``alpha * CE + (1 - alpha) * KL``
+    like the base-net's). ``depth_on="super+base"`` adds ``L_depth(base)`` (the deployed
+    sub-network). Without ``base_logits`` (plain training, no sub-path distillation) the label
+    term gets the full weight: ``loss = CE(super) [+ L_depth(super)]``.
     """
 
     def __init__(self, num_exits: int, exit_weights: Sequence[float] | None = None, alpha: float = 0.5,
-                 temperature: float = 1.0, label_smoothing: float = 0.0, depth: DepthLoss | None = None):
+                 temperature: float = 1.0, label_smoothing: float = 0.0, depth: DepthLoss | None = None,
+                 distill_from: DistillFrom = "same-exit", depth_on: DepthOn = "super"):
         super().__init__()
+        if distill_from not in DISTILL_FROM:
+            raise ValueError(f"distill_from must be one of {DISTILL_FROM}, got {distill_from!r}")
+        if depth_on not in DEPTH_ON:
+            raise ValueError(f"depth_on must be one of {DEPTH_ON}, got {depth_on!r}")
+        self.distill_from = distill_from
+        self.depth_on = depth_on
         if int(num_exits) != num_exits or num_exits < 1:
             raise ValueError(f"num_exits must be a positive integer, got {num_exits}")
         self.num_exits = int(num_exits)
@@ -481,27 +497,55 @@ class ADNLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_exits={self.num_exits}, exit_weights={[round(w, 4) for w in self.exit_weights]}, "
-                f"alpha={self.alpha}, temperature={self.temperature}, label_smoothing={self.label_smoothing}")
+                f"alpha={self.alpha}, temperature={self.temperature}, label_smoothing={self.label_smoothing}, "
+                f"distill_from={self.distill_from!r}, depth_on={self.depth_on!r}")
 
     def forward(self, super_logits: Sequence[Tensor], base_logits: Sequence[Tensor] | None, targets: Tensor,
                 super_increments: Sequence[Tensor | None] | None = None) -> tuple[Tensor, dict[str, float]]:
         """``(loss, stats)``; stats: ``loss``, ``ce_super``, ``kl_base`` (T^2-scaled; 0 without a
-        base-net) and, with a depth loss, its keys (``l_depth``, ``expected_exit``, ...)."""
+        base-net; with ``distill_from="final"`` it includes ``kl_super``, the super-net's earlier
+        exits' part) and, with a depth loss, its keys (``l_depth``, ``expected_exit``, ...;
+        ``l_depth_base`` with ``depth_on="super+base"``)."""
         if _check_logits(super_logits, "super_logits") != self.num_exits:
             raise ValueError(f"got super logits for {len(super_logits)} exits, expected {self.num_exits}")
         ce = exit_cross_entropy(super_logits, targets, self.exit_weights, self.label_smoothing)
+        stats: dict[str, Tensor | float] = {}
         if base_logits is None:
             kl = torch.zeros_like(ce)
             loss = ce
         else:
             if _check_logits(base_logits, "base_logits") != self.num_exits:
                 raise ValueError(f"got base logits for {len(base_logits)} exits, expected {self.num_exits}")
-            kl = distillation_kl(base_logits, super_logits, self.temperature, self.exit_weights)
+            if self.distill_from == "final":
+                final = [super_logits[-1]] * self.num_exits
+                kl = distillation_kl(base_logits, final, self.temperature, self.exit_weights)
+                kl_super = self._kl_early_super(super_logits)
+                kl = kl + kl_super
+                stats["kl_super"] = kl_super
+            else:
+                kl = distillation_kl(base_logits, super_logits, self.temperature, self.exit_weights)
             loss = self.alpha * ce + (1 - self.alpha) * kl
-        stats: dict[str, Tensor | float] = {"loss": loss, "ce_super": ce, "kl_base": kl}
+        stats = {"loss": loss, "ce_super": ce, "kl_base": kl, **stats}
         if self.depth is not None:
             depth_loss, depth_stats = self.depth.forward_tensors(super_logits, targets, super_increments)
+            if self.depth_on == "super+base" and base_logits is not None:
+                base_depth, _ = self.depth.forward_tensors(base_logits, targets)
+                depth_stats["l_depth_base"] = base_depth
+                depth_loss = depth_loss + base_depth
             loss = loss + depth_loss
             stats["loss"] = loss
             stats.update(depth_stats)
         return loss, _to_floats(stats)
+
+    def _kl_early_super(self, super_logits: Sequence[Tensor]) -> Tensor:
+        """``T^2 sum_{k<S-1} w_k KL(final detached || exit k)`` over the super-net's earlier exits."""
+        if self.num_exits == 1:
+            return torch.zeros((), device=super_logits[0].device)
+        t = self.temperature
+        teacher = F.log_softmax(super_logits[-1].detach().float() / t, dim=1)
+        terms = [wk * F.kl_div(F.log_softmax(z.float() / t, dim=1), teacher, reduction="batchmean",
+                               log_target=True)
+                 for wk, z in zip(self.exit_weights[:-1], super_logits[:-1]) if wk > 0]
+        if not terms:
+            return torch.zeros((), device=super_logits[0].device)
+        return torch.stack(terms).sum() * (t * t)

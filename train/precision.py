@@ -31,5 +31,24 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return cpu_has_native_bf16()
+        return cpu_has_native_bf16() and not _capped_below_avx512()
     return False
+
+
+def _capped_below_avx512() -> bool:
+    """True when torch's CPU kernels are capped below native bf16 (``ATEN_CPU_CAPABILITY=avx2``
+    or ``ONEDNN_MAX_CPU_ISA`` below ``AVX512_CORE_BF16``): bf16 then runs emulated, slower than
+    fp32."""
+    import os
+
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_BELOW_BF16:
+        return True
+    try:
+        return torch.backends.cpu.get_cpu_capability().upper() in ("DEFAULT", "AVX2")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: oneDNN ISA caps without native bf16 math
+_ONEDNN_BELOW_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                "AVX512_CORE_VNNI"})

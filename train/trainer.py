@@ -88,7 +88,7 @@ class Trainer:
     def _build_loss(self) -> ADNLoss:
         cfg, S = self.cfg, self.model.num_stages
         depth = None
-        if cfg.depth_lambda > 0:
+        if cfg.depth_loss:
             if cfg.depth_costs is not None:
                 if len(cfg.depth_costs) != S:
                     raise UsageError(f"depth_costs has {len(cfg.depth_costs)} values, the model has {S} exits")
@@ -102,7 +102,8 @@ class Trainer:
             depth = DepthLoss(costs, lam=cfg.depth_lambda, halting=cfg.depth_halting,
                               tau=cfg.depth_tau, temperature=cfg.depth_temperature, beta=cfg.depth_beta)
         return ADNLoss(S, exit_weights=cfg.exit_weights, alpha=cfg.alpha if cfg.self_distill else 1.0,
-                       temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, depth=depth)
+                       temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, depth=depth,
+                       distill_from=cfg.distill_from, depth_on=cfg.depth_on)
 
     def _freeze(self, trainable: str) -> list[nn.Module]:
         """Freeze every parameter outside the trainable parts (``exits``: the exit heads;
