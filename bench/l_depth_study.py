@@ -3,7 +3,8 @@
 Reproduce (18 trainings of 2 epochs; about 75 min on 2 cores with AVX-512-BF16):
     .venv/bin/python bench/l_depth_study.py --epochs 2 --seeds 0 1 2 --out runs/l_depth_study
 
-Arms (everything else is the default recipe, label smoothing 0.1 on every arm):
+Arms (everything else is the default recipe, label smoothing 0.1 on every arm; "lambda" is the
+recipe before this study, "final-distill" the recipe after it):
   none              no L_depth at all
   no-cost           L_depth's stopping-weighted cross-entropy, lambda = 0 (the cost removed)
   lambda            lambda = 0.5 (the default recipe)
@@ -31,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 ARMS: dict[str, dict] = {
-    "none": {"depth_loss": False},
-    "no-cost": {"depth_lambda": 0.0},
-    "lambda": {"depth_lambda": 0.5},
+    "none": {"depth_loss": False, "distill_from": "same-exit"},
+    "no-cost": {"depth_lambda": 0.0, "distill_from": "same-exit"},
+    "lambda": {"depth_lambda": 0.5, "distill_from": "same-exit"},
     "final-distill": {"depth_lambda": 0.5, "distill_from": "final"},
     "final+base-depth": {"depth_lambda": 0.5, "distill_from": "final", "depth_on": "super+base"},
     "final-no-ldepth": {"depth_loss": False, "distill_from": "final"},

@@ -411,7 +411,8 @@ def bench_training(ckpt: Path, steps: int, threads: Optional[int], quick: bool) 
     spe = tr.steps_per_epoch
     return {"model": cfg.model, "data": tr.data.name, "batch_size": cfg.batch_size,
             "steps_per_epoch": spe, "timed_steps": len(timed), "threads": torch.get_num_threads(),
-            "self_distill": cfg.self_distill, "depth_lambda": cfg.depth_lambda,
+            "self_distill": cfg.self_distill, "distill_from": cfg.distill_from,
+            "depth_loss": cfg.depth_loss, "depth_lambda": cfg.depth_lambda,
             "step_s_mean": mean, "step_s_median": med,
             "epoch_s": {k: v * spe for k, v in mean.items()},
             "adn_over_plain": mean["adn"] / mean["plain"],

@@ -44,7 +44,7 @@ class TrainConfig:
     alpha: float = 0.5
     kd_temperature: float = 1.0
     exit_weights: list[float] | None = None
-    distill_from: str = "same-exit"  # same-exit | final: what the exits learn from (train/losses.py)
+    distill_from: str = "final"  # final | same-exit: what the exits learn from (docs/l_depth.md)
 
     # L_depth (optimal-stopping regulariser). depth_loss = false drops it; depth_lambda = 0 keeps
     # its stopping-weighted cross-entropy without the cost of depth.
