@@ -244,8 +244,10 @@ def report(results: dict, arms, seeds) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences (same seed), mean [95% t-interval] over seeds:", "",
               "| metric | comparison | difference | per seed |", "|---|---|---|---|"]
-    comparisons = [(a, "none") for a in arms if a != "none"] + \
-                  [(a, "lambda") for a in arms if a.startswith("final")]
+    wanted = [(a, "none") for a in arms if a != "none"] + [("lambda", "no-cost")] + \
+             [(a, "lambda") for a in arms if a.startswith("final")] + \
+             [("final-no-ldepth", "final-distill")]
+    comparisons = [(a, b) for a, b in wanted if a in arms and b in arms]
     for name, f in METRICS.items():
         for arm, ref in comparisons:
             m, hw, diffs = paired(results, f, arm, ref, seeds)
@@ -256,7 +258,8 @@ def report(results: dict, arms, seeds) -> str:
 
 
 def plot(results: dict, arms, seeds, path: Path) -> None:
-    """Router test cost vs drop target, and exit AUROC, per arm (mean over seeds)."""
+    """The calibrated router frontier on the test split, and the base-net exits' AUROC, per arm
+    (means over seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -266,14 +269,21 @@ def plot(results: dict, arms, seeds, path: Path) -> None:
         rs = [results[(arm, s)] for s in seeds if (arm, s) in results]
         if not rs:
             continue
-        xs = [np.mean([100 * r[f"router@{d:g}"]["test_cost"] for r in rs]) for d in DROPS]
-        ys = [np.mean([100 * r[f"router@{d:g}"]["test_accuracy"] for r in rs]) for d in DROPS]
-        axes[0].plot(xs, ys, "o-", label=arm)
+        # mean over seeds of each price's (cost, accuracy), then the upper envelope
+        pts = sorted(zip(np.mean([[100 * f["test_cost"] for f in r["frontier"]] for r in rs], axis=0),
+                         np.mean([[100 * f["test_accuracy"] for f in r["frontier"]] for r in rs],
+                                 axis=0)))
+        env, best = [], -1.0
+        for x, y in pts:
+            if y > best:
+                env.append((x, y))
+                best = y
+        axes[0].plot(*zip(*env), "o-", ms=3, label=f"{arm} ({len(rs)} seeds)")
         S = len(rs[0]["auroc_base"])
         axes[1].plot(range(S), [np.mean([r["auroc_base"][k] for r in rs]) for k in range(S)],
                      "o-", label=arm)
     axes[0].set(xlabel="test cost, % of FF..F MACs", ylabel="test accuracy (%)",
-                title="calibrated router at max drop 0.5 / 1.0 pt")
+                title="router frontier (fitted on validation, scored on test)")
     axes[1].set(xlabel="exit", ylabel="AUROC (max prob -> correct)", title="base-net exits")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -54,7 +54,7 @@ def _figure(w: float, h: float, dpi: int = 110):
 
 
 def plot_tradeoff(results: dict[str, Any], path: os.PathLike | str, *, title: str = "",
-                  ratio: float = 0.6) -> Path:
+                  ratio: float = 0.55) -> Path:
     """Accuracy (%) vs mean latency (ms) and vs MACs fraction; see the module docstring.
     ``ratio``: the acceptance target, drawn as a vertical line at ratio x the monolithic mean."""
     fig = _figure(13.0, 6.4)
