@@ -539,13 +539,8 @@ class ADNLoss(nn.Module):
 
     def _kl_early_super(self, super_logits: Sequence[Tensor]) -> Tensor:
         """``T^2 sum_{k<S-1} w_k KL(final detached || exit k)`` over the super-net's earlier exits."""
-        if self.num_exits == 1:
+        w = self.exit_weights[:-1]
+        if not w or sum(w) == 0:
             return torch.zeros((), device=super_logits[0].device)
-        t = self.temperature
-        teacher = F.log_softmax(super_logits[-1].detach().float() / t, dim=1)
-        terms = [wk * F.kl_div(F.log_softmax(z.float() / t, dim=1), teacher, reduction="batchmean",
-                               log_target=True)
-                 for wk, z in zip(self.exit_weights[:-1], super_logits[:-1]) if wk > 0]
-        if not terms:
-            return torch.zeros((), device=super_logits[0].device)
-        return torch.stack(terms).sum() * (t * t)
+        final = [super_logits[-1]] * len(w)
+        return distillation_kl(super_logits[:-1], final, self.temperature, w) * sum(w)
