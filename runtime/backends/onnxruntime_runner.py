@@ -27,6 +27,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from runtime.backends import backend_info, provider_options as _po, runner_options
+from runtime.backends.tensorrt_cache import find_bundle_root
 from runtime.host import usable_cores
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -189,16 +190,6 @@ def check_options(options: dict[str, Any], file: object) -> None:
             _po.check(Validator(str(file)), value, field)
 
 
-def bundle_root(path: Path, depth: int = 8) -> Optional[Path]:
-    """The directory holding ``manifest.json`` above ``path`` (the bundle), or None."""
-    from runtime.manifest import MANIFEST_NAME
-
-    for d in [path.parent, *path.parent.parents][:depth]:
-        if (d / MANIFEST_NAME).is_file():
-            return d
-    return None
-
-
 def _one_line(text: object, limit: int = 300) -> str:
     s = " ".join(str(text).split())
     return s if len(s) <= limit else s[:limit - 3] + "..."
@@ -256,7 +247,7 @@ class ORTPieceRunner:
         chosen = available_providers(providers)
         root = None
         if any(ep == _po.TRT_EP for ep in chosen):
-            root = Path(bundle_dir) if bundle_dir is not None else bundle_root(self.path)
+            root = Path(bundle_dir) if bundle_dir is not None else find_bundle_root(self.path, 8)
         #: what the session was given: [(provider, options)], only providers this build has
         self.session_providers = _po.session_providers(chosen, provider_options, root, self.path)
         try:

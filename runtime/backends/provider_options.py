@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from runtime.backends.tensorrt_cache import ENGINES_DIR
 from runtime.validate import Validator, field_path
 
 __all__ = ["KNOWN", "TRT_EP", "CACHE_PATH", "DEFAULT_CACHE_DIR", "ENGINES_DIR", "check",
@@ -28,7 +29,6 @@ __all__ = ["KNOWN", "TRT_EP", "CACHE_PATH", "DEFAULT_CACHE_DIR", "ENGINES_DIR", 
 TRT_EP = "TensorrtExecutionProvider"
 CACHE_PATH = "trt_engine_cache_path"
 #: The TensorRT EP's engine cache: ``<bundle>/engines/<path>`` (default below).
-ENGINES_DIR = "engines"
 DEFAULT_CACHE_DIR = "onnxruntime-tensorrt"
 
 _UINT = ("int", 0)

@@ -34,9 +34,19 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ENGINES_DIR = "engines"
+
+
+def find_bundle_root(path: Path, depth: int = 6) -> Optional[Path]:
+    """The directory holding ``manifest.json`` above ``path`` (the bundle), or None."""
+    from runtime.manifest import MANIFEST_NAME
+
+    for d in [path.parent, *path.parent.parents][:depth]:
+        if (d / MANIFEST_NAME).is_file():
+            return d
+    return None
 SIDECAR_SCHEMA = 1
 #: Must equal ``export.tensorrt.config.PLAN_SCHEMA`` (it is part of every plan hash).
 PLAN_SCHEMA = 1

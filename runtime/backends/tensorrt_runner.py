@@ -53,6 +53,7 @@ import numpy as np
 
 from runtime.backends.tensorrt_cache import (
     EngineNotBuiltError,
+    find_bundle_root,
     find_engine,
     normalize_compute_capability,
     parse_trt_version,
@@ -237,13 +238,6 @@ def _dims(d: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in d)
 
 
-def _find_bundle_root(path: Path) -> Path | None:
-    for d in [path.parent, *path.parent.parents][:_MANIFEST_SEARCH_DEPTH]:
-        if (d / MANIFEST_NAME).is_file():
-            return d
-    return None
-
-
 @dataclass
 class _Located:
     engine_path: Path
@@ -325,7 +319,7 @@ class TensorRTPieceRunner:
     def _locate(self, engine_path, bundle_dir, piece_id, verify, build_plan, expected_cc, trt_major) -> _Located:
         direct = Path(engine_path) if engine_path is not None else (
             self.path if self.path.suffix.lower() in ENGINE_SUFFIXES else None)
-        root = Path(bundle_dir) if bundle_dir is not None else _find_bundle_root(direct or self.path)
+        root = Path(bundle_dir) if bundle_dir is not None else find_bundle_root(direct or self.path, _MANIFEST_SEARCH_DEPTH)
         manifest = None
         if root is not None and (root / MANIFEST_NAME).is_file():
             manifest = Manifest.from_json((root / MANIFEST_NAME).read_text(encoding="utf-8"),
