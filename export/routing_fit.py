@@ -344,12 +344,14 @@ class RouterFit:
     exit_histogram: list[int]
     subsets: list[dict]          # per exit subset: the chosen lam and its held-out numbers
     budgets: list[dict]          # per budget: the chosen policy and its simulated numbers
+    reference_accuracy: Optional[float] = None  # what the drop is measured against, if not
+    #                                             full depth of these probabilities
 
     def summary(self) -> dict:
         return {k: getattr(self, k) for k in (
             "exits", "lam", "val_accuracy", "mean_latency_ms", "heldout_accuracy",
             "heldout_latency_ms", "heldout_drop_points", "drop_bound_points", "full_accuracy",
-            "exit_histogram", "subsets", "budgets")}
+            "exit_histogram", "subsets", "budgets", "reference_accuracy")}
 
 
 def _crossfit(data, span_cost, exits, lam, folds, exit_cost_ms, opts, both: bool = True):
@@ -382,9 +384,12 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
                budgets_ms: Sequence[float] = (), span_quantile: Optional[SpanCost] = None,
                span_elapsed: Optional[SpanCost] = None, pre_ms: float = 0.0,
                epsilon: float = DEFAULT_EPSILON, seed: int = 0, refit: bool = False,
-               progress=None, **opts: Any) -> RouterFit:
+               reference_correct: Optional[np.ndarray] = None, progress=None,
+               **opts: Any) -> RouterFit:
     """Fit the router for an accuracy target (``max_drop`` points below full depth of FF..F:
-    the cross-fitted drop plus ``z`` standard errors of the paired difference) and, given
+    the cross-fitted drop plus ``z`` standard errors of the paired difference; with
+    ``reference_correct``, 0/1 per sample, below that reference instead, e.g. the fp32
+    network when the pieces are quantized) and, given
     ``budgets_ms`` and ``span_quantile`` (the ``1 - epsilon`` quantile of a span's latency),
     one policy per budget: the most accurate candidate whose simulated miss rate is within
     ``epsilon``, the elapsed time taken pessimistically (``pre_ms`` for the call's own work
@@ -396,6 +401,12 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
     folds = (np.sort(perm[: N // 2]), np.sort(perm[N // 2:]))
     full_correct = data.correct[data.full]
     full_acc = float(full_correct.mean())
+    if reference_correct is None:
+        reference = full_correct
+    else:
+        reference = np.asarray(reference_correct, dtype=np.float64).reshape(-1)
+        if reference.shape != (N,):
+            raise ValueError(f"reference_correct has {reference.size} entries for {N} samples")
     if exit_subsets is None:
         exit_subsets = [list(c) + [S - 1] for r in range(S) for c in
                         itertools.combinations(range(S - 1), r)]
@@ -409,7 +420,7 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
         for lam in sorted(lams, reverse=True):  # cheapest first: the first that passes wins
             corr, lat = _crossfit(data, span_cost, exits, lam, fo, exit_cost_ms, opts,
                                   both=refit)
-            ref = full_correct if refit else full_correct[fo[1]]
+            ref = reference if refit else reference[fo[1]]
             drop = float(ref.mean()) - float(corr.mean())
             if drop * 100.0 > max_drop:
                 continue
@@ -486,4 +497,6 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
                      heldout_latency_ms=best["heldout_latency_ms"],
                      heldout_drop_points=best["heldout_drop_points"],
                      drop_bound_points=best["drop_bound_points"], full_accuracy=full_acc,
-                     exit_histogram=hist, subsets=subsets, budgets=budget_info)
+                     exit_histogram=hist, subsets=subsets, budgets=budget_info,
+                     reference_accuracy=(None if reference_correct is None
+                                         else float(reference.mean())))

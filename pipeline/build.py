@@ -786,6 +786,7 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
         np.savez_compressed(tmp / "val.npz", labels=y,
                             **{f"p_{cfg_}": p for cfg_, p in probs.items()})
         skip_accuracy = {k: float((p[-1].argmax(axis=1) == y).mean()) for k, p in probs.items()}
+        reference = _reference_correct(ctx, model, x, y)
         roles = [("device", tmp / "device", ctx.is_host)]
         if not ctx.is_host:
             roles.append(("host", here, True))
@@ -794,7 +795,8 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
         for role, bdir, measured in roles:
             t0 = time.perf_counter()
             rec = _calibrate_bundle(ctx, bdir, probs, y, skip_accuracy, data_name,
-                                    measured=measured, model=model, same=bdir == here, images=x)
+                                    measured=measured, model=model, same=bdir == here, images=x,
+                                    reference_correct=reference)
             summary["bundles"][role] = rec
             log(f"calibrate {role} bundle: {rec['rule']} on {rec['skip_config']} with "
                 f"{rec['costs_kind']} costs ({rec['cost_source']}): val accuracy "
@@ -811,6 +813,20 @@ def _calibrate_run(ctx: _Ctx, input_hash: str) -> dict:
     return out
 
 
+def _reference_correct(ctx: _Ctx, model, x, y):
+    """Per validation image, 1.0 where the fp32 network (the monolithic ONNX, with the
+    bundle's session options) is right: in an int8 build the router's drop is certified
+    against it, not against the quantized pieces' own full depth. None in an fp32 build."""
+    if build_precision(ctx) != "int8":
+        return None
+    from pipeline.evaluate import MonolithicSession
+
+    ref = MonolithicSession.like(model, ctx.paths.monolithic).correct(x, y)
+    ctx.log(f"int8: the router's accuracy target is certified against the fp32 network "
+            f"({100 * ref.mean():.2f}% on the validation split)")
+    return ref
+
+
 def _table_backend(manifest, device: str) -> Optional[str]:
     """The first backend of the bundle's compile order with a batch-1 latency table on
     ``device`` (what the runtime on that device will use once it can)."""
@@ -822,9 +838,12 @@ def _table_backend(manifest, device: str) -> Optional[str]:
 
 
 def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict, data_name: str,
-                      *, measured: bool, model, same: bool, images=None) -> dict:
+                      *, measured: bool, model, same: bool, images=None,
+                      reference_correct=None) -> dict:
     """Fit the configured rule for one bundle with that bundle's own latency table and write
-    its stopping record and annotations (the same fields `pipeline calibrate` writes)."""
+    its stopping record and annotations (the same fields `pipeline calibrate` writes);
+    ``reference_correct``: what the router's drop is certified against (int8 builds: the fp32
+    network)."""
     from devices.latency import segment_costs_ms
     from runtime.bundle import Bundle
     from export.calibration import calibrate
@@ -855,7 +874,7 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
     if c.rule == "router":
         return _calibrate_router(ctx, b, probs, y, skip_accuracy, data_name, device=device,
                                  backend=backend, kind=kind, model=model, same=same,
-                                 images=images)
+                                 images=images, reference_correct=reference_correct)
     search = []
     best = None
     for cand in candidates:
@@ -925,7 +944,7 @@ def _calibrate_bundle(ctx: _Ctx, bdir: Path, probs: dict, y, skip_accuracy: dict
 
 def _calibrate_router(ctx: _Ctx, b, probs: dict, y, skip_accuracy: dict, data_name: str, *,
                       device: str, backend: str, kind: str, model, same: bool,
-                      images=None) -> dict:
+                      images=None, reference_correct=None) -> dict:
     """Fit the joint router (pipeline/router_build.py) for one bundle, write its stopping
     record and the merged pieces of the spans its dropped exits leave (quantized like the
     other pieces in an int8 build)."""
@@ -937,7 +956,8 @@ def _calibrate_router(ctx: _Ctx, b, probs: dict, y, skip_accuracy: dict, data_na
     m = b.manifest
     full = "F" * m.stages
     fit = fit_bundle_router(m, probs, y, device, backend, max_drop=float(c.max_drop),
-                            delta=c.risk_delta, epsilon=float(c.epsilon), progress=ctx.log)
+                            delta=c.risk_delta, epsilon=float(c.epsilon),
+                            reference_correct=reference_correct, progress=ctx.log)
     new = m.copy()
     new.stopping, ann = router_annotation(
         fit, skip_accuracy, full, data=data_name, n=len(y), backend=model.backend,

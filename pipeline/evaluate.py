@@ -216,14 +216,18 @@ class MonolithicSession:
         p = softmax(self.session.run(["logits"], {"x": batch})[0])
         return int(np.argmax(p[0]))
 
-    def accuracy(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    def correct(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """1.0 where the network's argmax is the label, else 0.0, per image."""
         from runtime.preprocess import prepare_input
 
-        correct = 0
+        out = np.zeros(len(x), dtype=np.float64)
         for i in range(0, len(x), batch_size):
             batch, _ = prepare_input(x[i:i + batch_size], self.input_shape, self.mean, self.std)
-            correct += int((self.logits(batch).argmax(axis=1) == y[i:i + batch_size]).sum())
-        return correct / max(1, len(x))
+            out[i:i + batch_size] = self.logits(batch).argmax(axis=1) == y[i:i + batch_size]
+        return out
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+        return float(self.correct(x, y, batch_size).mean()) if len(x) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------

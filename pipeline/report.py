@@ -40,7 +40,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "n_measured": results["measured"]["n"],
         "full_depth_accuracy": full["accuracy"],
         "adaptive_accuracy": ad["accuracy"],
-        "accuracy_drop_points": 100.0 * (full["accuracy"] - ad["accuracy"]),
+        # against the better of full depth and the monolithic session: the two agree in an
+        # fp32 build; in an int8 build the monolithic session is the fp32 network
+        "accuracy_drop_points": 100.0 * (max(full["accuracy"], mono["accuracy"])
+                                         - ad["accuracy"]),
+        "drop_reference": ("monolithic session" if mono["accuracy"] > full["accuracy"]
+                           else "full depth"),
         "monolithic_accuracy": mono["accuracy"],
         "mean_latency_ms": ad["mean_ms"],
         "p99_latency_ms": ad["p99_ms"],
@@ -79,13 +84,14 @@ def acceptance_checks(results: dict[str, Any], acceptance: dict[str, Any]) -> li
     ratio_ok = ratio is not None and ratio <= acceptance["latency_ratio"] + 1e-12
     checks.append({
         "name": "adaptive_speedup",
-        "target": (f"adaptive within {acceptance['max_drop']:g} points of full-depth accuracy, "
-                   f"mean latency <= {acceptance['latency_ratio']:g}x the monolithic ONNX Runtime "
-                   "session"),
+        "target": (f"adaptive within {acceptance['max_drop']:g} points of full-depth accuracy "
+                   f"and of the monolithic session's, mean latency <= "
+                   f"{acceptance['latency_ratio']:g}x the monolithic ONNX Runtime session"),
         "passed": bool(drop_ok and ratio_ok),
         "value": {"accuracy_drop_points": s["accuracy_drop_points"], "latency_ratio": ratio},
-        "detail": (f"accuracy {100 * s['adaptive_accuracy']:.2f}% vs full depth "
-                   f"{100 * s['full_depth_accuracy']:.2f}% (drop {s['accuracy_drop_points']:.2f} "
+        "detail": (f"accuracy {100 * s['adaptive_accuracy']:.2f}% vs {s['drop_reference']} "
+                   f"{100 * max(s['full_depth_accuracy'], s['monolithic_accuracy']):.2f}% "
+                   f"(drop {s['accuracy_drop_points']:.2f} "
                    f"points {'<=' if drop_ok else '>'} {acceptance['max_drop']:g}); mean "
                    f"{s['mean_latency_ms']:.3f} ms vs monolithic "
                    f"{s['monolithic_mean_latency_ms']:.3f} ms = {ratio:.2f}x "

@@ -64,8 +64,10 @@ def budget_grid(manifest, device: str, backend: str, count: int = N_BUDGETS) -> 
 
 def fit_bundle_router(manifest, probs: dict, labels, device: str, backend: str, *,
                       max_drop: float, delta: Optional[float], epsilon: float = 0.01,
-                      progress=None):
-    """The fitted router (``export.routing_fit.RouterFit``) for this bundle's latency table."""
+                      reference_correct=None, progress=None):
+    """The fitted router (``export.routing_fit.RouterFit``) for this bundle's latency table;
+    ``reference_correct``: what the drop is certified against (default: full depth of
+    ``probs``)."""
     from export.routing_fit import fit_router
 
     cost = span_costs(manifest, device, backend, "p50")
@@ -77,7 +79,7 @@ def fit_bundle_router(manifest, probs: dict, labels, device: str, backend: str, 
     return fit_router(probs, labels, cost, max_drop=max_drop, z=z, exit_cost_ms=EXIT_COST_MS,
                       budgets_ms=budget_grid(manifest, device, backend), span_quantile=quant,
                       span_elapsed=elapsed, pre_ms=CALL_OVERHEAD_MS, epsilon=epsilon,
-                      progress=progress)
+                      reference_correct=reference_correct, progress=progress)
 
 
 def merged_spans(rule) -> list[tuple[int, int, str]]:
@@ -107,6 +109,7 @@ def router_record(fit) -> dict[str, Any]:
             "heldout_latency_ms": fit.heldout_latency_ms,
             "heldout_drop_points": fit.heldout_drop_points,
             "drop_bound_points": fit.drop_bound_points, "exit_subsets": fit.subsets,
+            "reference_accuracy": fit.reference_accuracy,
             "budgets": fit.budgets, "exit_cost_ms": EXIT_COST_MS,
             "why": _why_exits(fit)}
 

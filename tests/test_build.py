@@ -193,6 +193,37 @@ def test_jetson_build_ships_device_bundle_and_measures_a_host_bundle(jetson_buil
         _check_png(r / p)
 
 
+def test_int8_build_certifies_the_router_against_the_fp32_network(root, host_build):
+    """An int8 build (the host build's checkpoint): the router's drop is certified against
+    the fp32 monolithic network on the validation split, and the report's drop is against
+    the better of full depth and the monolithic session."""
+    import numpy as np
+
+    from pipeline.evaluate import MonolithicSession
+    from pipeline.runtime_cmd import dataset_for_bundle, split_arrays
+    from runtime import AdaptiveModel
+
+    cfg_path = _write_config(root / "int8.toml", "host", root / "out-int8")
+    ckpt = host_build[1].root / "train" / "model.pt"
+    cfg = build_config(cfg_path, {"build.checkpoint": str(ckpt), "build.precision": "int8"})
+    r = run_build(cfg, log=_quiet).root
+    m = Bundle.open(r / "bundle").manifest
+    assert m.annotations["compile"]["precision"] == "int8"
+    model = AdaptiveModel.load(r / "bundle", warn=False)
+    _, ds = dataset_for_bundle(m, "digits", None)
+    x, y = split_arrays(ds.val, None)
+    fp32 = MonolithicSession.like(model, r / "monolithic.onnx").correct(x, y)
+    router = m.annotations["calibration"]["router"]
+    assert router["reference_accuracy"] == pytest.approx(float(np.mean(fp32)))
+    s = json.loads((r / "report.json").read_text())["summary"]
+    worst = max(s["full_depth_accuracy"], s["monolithic_accuracy"])
+    assert s["accuracy_drop_points"] == pytest.approx(100 * (worst - s["adaptive_accuracy"]))
+    assert s["drop_reference"] in ("full depth", "monolithic session")
+    # the fp32 build's router has no separate reference
+    fp = Bundle.open(host_build[1].root / "bundle").manifest
+    assert fp.annotations["calibration"]["router"]["reference_accuracy"] is None
+
+
 def test_second_build_reuses_every_stage(host_build):
     cfg_path, first = host_build
     again = run_build(build_config(cfg_path), log=_quiet)

@@ -153,6 +153,34 @@ def test_fit_router_meets_the_target_held_out_and_keeps_the_exit_that_pays():
     assert fit.heldout_latency_ms < others[(2,)]["heldout_latency_ms"]
 
 
+def test_the_drop_is_certified_against_a_given_reference():
+    """With a reference better than the pieces' own full depth (the fp32 network of int8
+    pieces), the held-out drop is measured against it: the fit spends less of the target on
+    early exits, and a reference the pieces cannot come within the target of leaves full depth."""
+    probs, y = synthetic_probs(S=3)
+    own = fit_router(probs, y, unit_cost, max_drop=1.0, exit_cost_ms=0.1)
+    full = RoutingData(probs, y).correct["FFF"]
+    rng = np.random.default_rng(1)
+    # right on 0.8 points more of the samples than full depth
+    wrong = np.flatnonzero(full == 0)
+    better = full.copy()
+    better[rng.choice(wrong, size=int(0.008 * len(y)), replace=False)] = 1.0
+    tight = fit_router(probs, y, unit_cost, max_drop=1.0, exit_cost_ms=0.1,
+                       reference_correct=better)
+    assert tight.reference_accuracy == pytest.approx(better.mean())
+    assert own.reference_accuracy is None
+    assert tight.drop_bound_points <= 1.0
+    assert tight.heldout_latency_ms > own.heldout_latency_ms
+    # 3 points better than full depth: nothing meets a 1-point target, full depth ships
+    best = full.copy()
+    best[rng.choice(wrong, size=int(0.03 * len(y)), replace=False)] = 1.0
+    none = fit_router(probs, y, unit_cost, max_drop=1.0, exit_cost_ms=0.1,
+                      reference_correct=best)
+    assert none.exits == [2] and none.exit_histogram == [0, 0, len(y)]
+    with pytest.raises(ValueError, match="reference_correct"):
+        fit_router(probs, y, unit_cost, reference_correct=better[:-1])
+
+
 def test_an_exit_that_does_not_pay_is_dropped():
     """Exit 0 is right 10% of the time whatever it says: no policy should stop there, so the
     kept exits leave it out and its cost (head, decision) is not paid."""
