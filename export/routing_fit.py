@@ -19,7 +19,9 @@ of the decision, and makes "stop" an upper interval of confidence. The policy ra
 by fitted gain (stop: 0); a sample's realised value is that of the action ranked first.
 
 **Choice.** The validation data is split in two folds. For every subset of exits (the last
-always kept) and every ``lam`` of a grid, the policy is fitted on the first fold and scored on
+always kept), every variant of the first span (no exit precedes it, so it is one choice for all
+inputs: with only the last exit kept, the candidates are the static sub-networks) and every
+``lam`` of a grid, the policy is fitted on the first fold and scored on
 the second; the deployed (exits, lam) is the fastest one whose upper bound on the drop against
 full depth of FF..F on the second fold (the paired drop plus ``z`` of its standard errors,
 ``z = 1``: about 84% one-sided) is within ``max_drop``, and the policy deployed is exactly the
@@ -149,9 +151,11 @@ def _policy_intervals(fits: dict[str, _Step], costs: dict[str, float]):
 
 def fit_policy(data: RoutingData, span_cost: SpanCost, exits: Sequence[int], lam: float,
                idx: np.ndarray, *, exit_cost_ms: float = 0.0, max_bins: int = 24,
-               min_bin: int = 40, min_reach: int = 60, passes: int = 2) -> RouterPolicy:
+               min_bin: int = 40, min_reach: int = 60, passes: int = 2,
+               start: Optional[str] = None) -> RouterPolicy:
     """The backward-induction policy for kept ``exits`` and price ``lam``, fitted on samples
-    ``idx``."""
+    ``idx``. ``start``: the first span's variant (no exit precedes it, so it is one choice for
+    every input); None: the one of highest fitted value."""
     S = data.S
     exits = [int(e) for e in exits]
     spans = spans_of(exits)
@@ -195,8 +199,11 @@ def fit_policy(data: RoutingData, span_cost: SpanCost, exits: Sequence[int], lam
         f0, l0 = spans[0]
         starts = {v: float(value[v][idx].mean()) - lam * (span_cost(f0, l0, v) + exit_cost_ms)
                   for v in variants(l0 - f0 + 1)}
-        start = max(starts, key=lambda v: (starts[v], -span_cost(f0, l0, v)))
-        policy = RouterPolicy(exits, start, _only_reachable(exits, start, decisions), lam=lam,
+        begin = start if start is not None else \
+            max(starts, key=lambda v: (starts[v], -span_cost(f0, l0, v)))
+        if begin not in starts:
+            raise ValueError(f"start {begin!r} is not a variant of stages {f0}..{l0}")
+        policy = RouterPolicy(exits, begin, _only_reachable(exits, begin, decisions), lam=lam,
                               stages=S)
         reach = _reach(policy, data, idx)
     assert policy is not None
@@ -415,11 +422,17 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
     # without a refit, both orientations are tried (fit on one fold, certify on the other) and
     # the faster certified one ships: the policy fitted on its first fold
     orientations = [folds] if refit else [folds, folds[::-1]]
-    for exits, fo in itertools.product(exit_subsets, orientations):
+    # the first span's variant is one choice for every input (no exit before it to route
+    # on): each is a candidate of its own, so a start that wins on value at a high price of
+    # latency but misses the target does not hide the other start's cheaper policies
+    candidates = [(list(exits), start, fo) for exits in exit_subsets
+                  for start in variants(spans_of(list(exits))[0][1] + 1) for fo in orientations]
+    for exits, start, fo in candidates:
         chosen = None
-        for lam in sorted(lams, reverse=True):  # cheapest first: the first that passes wins
-            corr, lat = _crossfit(data, span_cost, exits, lam, fo, exit_cost_ms, opts,
-                                  both=refit)
+        # cheapest first: the first that passes wins (one exit: no decision, lam is moot)
+        for lam in (sorted(lams, reverse=True) if len(exits) > 1 else [0.0]):
+            corr, lat = _crossfit(data, span_cost, exits, lam, fo, exit_cost_ms,
+                                  {**opts, "start": start}, both=refit)
             ref = reference if refit else reference[fo[1]]
             drop = float(ref.mean()) - float(corr.mean())
             if drop * 100.0 > max_drop:
@@ -428,14 +441,16 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
             better = int(np.sum((ref == 0) & (corr == 1)))
             bound = paired_drop_bound(worse, better, len(ref), z) * 100.0
             if bound <= max_drop:
-                chosen = dict(exits=list(exits), lam=float(lam), heldout_accuracy=float(corr.mean()),
+                chosen = dict(exits=list(exits), start=start, lam=float(lam),
+                              heldout_accuracy=float(corr.mean()),
                               heldout_latency_ms=float(lat.mean()), heldout_drop_points=100 * drop,
                               drop_bound_points=bound, fit_fold=0 if fo is folds else 1)
                 break
-        subsets.append(chosen or {"exits": list(exits), "lam": None,
+        subsets.append(chosen or {"exits": list(exits), "start": start, "lam": None,
                                   "fit_fold": 0 if fo is folds else 1})
         if progress:
-            progress(f"  router exits {list(exits)} (fitted on fold {0 if fo is folds else 1}): " + (
+            progress(f"  router exits {list(exits)} from {start} (fitted on fold "
+                     f"{0 if fo is folds else 1}): " + (
                 f"lam {chosen['lam']:.4g}, held-out {100 * chosen['heldout_accuracy']:.2f}% "
                 f"(drop {chosen['heldout_drop_points']:.2f}, bound "
                 f"{chosen['drop_bound_points']:.2f} pt), {chosen['heldout_latency_ms']:.4f} ms"
@@ -443,14 +458,15 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
         if chosen and (best is None or chosen["heldout_latency_ms"] < best["heldout_latency_ms"]):
             best = chosen
     if best is None:  # not even lam = 0 with every exit: run full depth, no early exit
-        best = dict(exits=[S - 1], lam=0.0, heldout_accuracy=full_acc, heldout_latency_ms=float(
-            span_cost(0, S - 1, data.full) + exit_cost_ms), heldout_drop_points=0.0,
-            drop_bound_points=0.0, fit_fold=0)
+        best = dict(exits=[S - 1], start=data.full, lam=0.0, heldout_accuracy=full_acc,
+                    heldout_latency_ms=float(span_cost(0, S - 1, data.full) + exit_cost_ms),
+                    heldout_drop_points=0.0, drop_bound_points=0.0, fit_fold=0)
     everyone = np.arange(N)
     if not refit and best.get("fit_fold") == 1:
         folds = folds[::-1]  # the budget policies too: fitted and scored like the default one
     default = fit_policy(data, span_cost, best["exits"], best["lam"],
-                         everyone if refit else folds[0], exit_cost_ms=exit_cost_ms, **opts)
+                         everyone if refit else folds[0], exit_cost_ms=exit_cost_ms,
+                         start=best["start"], **opts)
     dsim = simulate(default, data, span_cost, everyone, exit_cost_ms=exit_cost_ms)
     policies = [default]
     budget_rows: list[list] = []
@@ -459,7 +475,7 @@ def fit_router(probs: dict[str, np.ndarray], labels: np.ndarray, span_cost: Span
         all_exits = list(range(S))
         fit_idx, score_idx = (everyone, everyone) if refit else folds
         cands = [fit_policy(data, span_cost, all_exits, lam, fit_idx, exit_cost_ms=exit_cost_ms,
-                            **opts) for lam in lams]
+                            start=start, **opts) for lam in lams for start in variants(1)]
         cands += [static_policy(cfg, e) for cfg in variants(S) for e in range(S)]
         cands.append(default)
         elapsed = span_elapsed or span_cost

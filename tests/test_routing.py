@@ -148,9 +148,33 @@ def test_fit_router_meets_the_target_held_out_and_keeps_the_exit_that_pays():
     assert fit.drop_bound_points <= 1.0 and fit.heldout_drop_points <= 1.0
     assert fit.exits == [0, 2]
     # cheaper held out than running to the end and than keeping exit 1 as well
-    others = {tuple(s["exits"]): s for s in fit.subsets}
-    assert fit.heldout_latency_ms < others[(0, 1, 2)]["heldout_latency_ms"]
-    assert fit.heldout_latency_ms < others[(2,)]["heldout_latency_ms"]
+    fastest: dict = {}
+    for s in fit.subsets:
+        if s["lam"] is not None:
+            e = tuple(s["exits"])
+            fastest[e] = min(fastest.get(e, np.inf), s["heldout_latency_ms"])
+    assert fit.heldout_latency_ms < fastest[(0, 1, 2)]
+    assert fit.heldout_latency_ms < fastest[(2,)]
+
+
+def test_every_start_is_a_candidate_and_one_exit_means_static_sub_networks():
+    """The first span's variant is a candidate of its own: with only the last exit kept the
+    candidates are the static sub-networks (TTT: 3 points worse here, cost 2.1 + the exit)."""
+    probs, y = synthetic_probs(S=3)
+    fit = fit_router(probs, y, unit_cost, max_drop=4.5, exit_cost_ms=0.1)
+    rows = {(tuple(r["exits"]), r["start"], r["fit_fold"]): r for r in fit.subsets}
+    assert {k[1] for k in rows if k[0] == (2,)} == {"FFF", "FFT", "FTF", "FTT", "TFF", "TFT",
+                                                     "TTF", "TTT"}
+    assert {k[1] for k in rows if k[0] == (0, 2)} == {"F", "T"}
+    ttt = rows[((2,), "TTT", 0)]
+    assert ttt["lam"] == 0.0 and ttt["heldout_latency_ms"] == pytest.approx(2.1 + 0.1)
+    assert 2.0 < ttt["heldout_drop_points"] < 4.5
+    pol = fit_policy(RoutingData(probs, y), unit_cost, [0, 2], 0.01, np.arange(len(y)),
+                     start="T")
+    assert pol.start == "T" and set(pol.decisions) <= {"T"}
+    with pytest.raises(ValueError, match="start 'FF'"):
+        fit_policy(RoutingData(probs, y), unit_cost, [0, 2], 0.01, np.arange(len(y)),
+                   start="FF")
 
 
 def test_the_drop_is_certified_against_a_given_reference():
