@@ -58,9 +58,13 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8")
 #: Further flags the report records of the build host (what int8 speed depends on).
 HOST_FLAGS = ("avx2", "avx512f", "avx512_bf16", "dotprod", "i8mm")
 DEFAULT_MIN_SPEEDUP = 1.05
-DEFAULT_MAX_AGREEMENT_DROP = 0.01
+#: The per-piece gate only catches a quantization that breaks an exit: 2% of argmax flips at
+#: most. The accuracy target itself is certified end to end by the stopping rule, recalibrated
+#: on the quantized pieces against the fp32 network (pipeline/build.py), on 6,000 images.
+DEFAULT_MAX_AGREEMENT_DROP = 0.02
 DEFAULT_CALIB = 256
-DEFAULT_HELD_OUT = 128
+#: 512 held-out images: at 99% agreement 128 images left one flip between pass and fail.
+DEFAULT_HELD_OUT = 512
 DEFAULT_RUNS = 300
 QDQ_SUFFIX = ".int8.onnx"
 _BATCH = 64
