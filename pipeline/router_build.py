@@ -130,3 +130,29 @@ def _why_exits(fit) -> str:
     if bad:
         txt += f"; no price of latency met the target with {', '.join(bad)}"
     return txt
+
+
+def router_annotation(fit, skip_accuracy: dict, full: str, *, data: str, n: int, backend: str,
+                      target: Optional[str], device: str, table_backend: str, kind: Optional[str],
+                      max_drop: float, risk_delta: Optional[float], epsilon: float = 0.01,
+                      extra: Optional[dict] = None):
+    """``(Stopping record, calibration annotation)`` of a fitted router."""
+    from runtime.jsonsafe import json_safe
+    from runtime.manifest import Stopping, utc_now_iso
+
+    S = len(full)
+    stopping = Stopping(rule="router", params=json_safe(fit.rule.params()),
+                        val_accuracy=float(fit.val_accuracy),
+                        mean_latency_ms=float(fit.mean_latency_ms), created=utc_now_iso(),
+                        skip_config=full, skip_accuracy=dict(skip_accuracy))
+    hist = fit.exit_histogram
+    ann = json_safe({
+        "rule": "router", "skip_config": full, "data": data, "split": "val", "n": int(n),
+        "backend": backend, "target": target,
+        "segment_ms_source": f"latency table ({kind}, device {device}, {table_backend})",
+        "max_drop": float(max_drop), "mean_budget_ms": None, "risk_delta": risk_delta,
+        "epsilon": float(epsilon), "full_depth_accuracy": skip_accuracy[full],
+        "mean_exit": float(np.dot(np.arange(1, S + 1), hist) / max(1, sum(hist))),
+        "exit_histogram": hist, "requested_rule": "router", "created": stopping.created,
+        "router": router_record(fit), **(extra or {})})
+    return stopping, ann
