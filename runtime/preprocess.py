@@ -44,6 +44,22 @@ def _shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
+#: (mean, std, channels) -> (scale, shift) float32 arrays of normalize (a handful per process)
+_AFFINE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _affine(mean: Sequence[float], std: Sequence[float], c: int) -> tuple[np.ndarray, np.ndarray]:
+    key = (tuple(float(v) for v in mean), tuple(float(v) for v in std), c)
+    hit = _AFFINE.get(key)
+    if hit is None:
+        std32 = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, c)
+        mean32 = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, c)
+        hit = (np.float32(1.0) / (np.float32(255.0) * std32), mean32 / std32)
+        if len(_AFFINE) < 64:
+            _AFFINE[key] = hit
+    return hit
+
+
 def normalize(raw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 NHWC pixels -> float32 NCHW model input, ``(raw / 255 - mean) / std`` per channel.
 
@@ -51,11 +67,10 @@ def normalize(raw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
     training's ``normalize_batch``, so the runtime feeds the model what it was trained on.
     """
     c = raw.shape[-1]
-    std32 = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, c)
-    mean32 = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, c)
-    scale = np.float32(1.0) / (np.float32(255.0) * std32)
-    shift = mean32 / std32
-    x = raw.astype(np.float32) * scale - shift
+    scale, shift = _affine(mean, std, c)
+    x = raw.astype(np.float32)
+    x *= scale
+    x -= shift
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
@@ -88,9 +103,15 @@ def prepare_input(x: Any, shape: Sequence[int], mean: Sequence[float],
             if np.issubdtype(x.dtype, np.integer) else ""))
 
 
-def _prepare_raw(x: np.ndarray, C: int, H: int, W: int, mean, std) -> tuple[np.ndarray, bool]:
-    want = f"uint8 images of shape (H, W, C) = {_shape((H, W, C))} or a batch (N, H, W, C)" + (
+def _want_raw(C: int, H: int, W: int) -> str:
+    return f"uint8 images of shape (H, W, C) = {_shape((H, W, C))} or a batch (N, H, W, C)" + (
         f", or grayscale (H, W) = {_shape((H, W))} / (N, H, W)" if C == 1 else "")
+
+
+def _prepare_raw(x: np.ndarray, C: int, H: int, W: int, mean, std) -> tuple[np.ndarray, bool]:
+    if x.ndim == 3 and x.shape == (H, W, C):  # one image as the model takes it: nothing to check
+        return normalize(x[None], mean, std), False
+    want = _want_raw(C, H, W)
     if x.ndim == 2:
         if C != 1:
             raise UsageError(f"input: a 2-D (grayscale) image {_shape(x.shape)} needs a 1-channel "
