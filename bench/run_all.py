@@ -542,6 +542,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(raw)
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/run_all.py", *raw])
     from devices.host import fingerprint
+    from devices.profiler import frozen_heap
 
     fp = fingerprint()
     t_start = time.time()
@@ -569,8 +570,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return
         t0 = time.perf_counter()
         say(f"[{section}] ...")
-        try:
-            res[section] = fn()
+        try:  # the heap so far (data, sessions) stays out of the cyclic GC while timing
+            with frozen_heap():
+                res[section] = fn()
         except Exception as exc:  # noqa: BLE001 - one section failing must not lose the others
             res[section + "_error"] = f"{type(exc).__name__}: {exc}"
             say(f"[{section}] FAILED: {type(exc).__name__}: {exc}")

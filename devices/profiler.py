@@ -31,6 +31,8 @@ Runs numpy + one backend (``runtime``); never torch, train/ or export/.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -127,6 +129,24 @@ class _Item:
         return [summarize(s) for s in self.samples]
 
 
+@contextlib.contextmanager
+def frozen_heap():
+    """Keep the objects that exist now out of Python's cyclic GC while timing (``gc.freeze``).
+
+    A process that trained or exported first (torch, data sets) holds millions of objects, and
+    every full collection walks them: calls that allocate more (the segmented runtime: one
+    dict and array per span, a Prediction) paid for it more. Measured on a 6-million-object
+    heap: int8 adaptive 0.481x the monolithic session, frozen 0.425x, a fresh process 0.446x.
+    An on-device app's heap is small; the measurement should not charge the build's.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def measure_items(items: Sequence[tuple[str, Callable[[], Sequence[float]]]],
                   settings: MeasureSettings = FULL, progress: Progress = None
                   ) -> dict[str, tuple[list[Stats], dict[str, Any]]]:
@@ -135,6 +155,11 @@ def measure_items(items: Sequence[tuple[str, Callable[[], Sequence[float]]]],
     Each callable performs one timed call and returns its duration(s) in ms (a chain
     returns one cumulative time per exit). ``info``: samples, seconds, converged, warm-up.
     """
+    with frozen_heap():
+        return _measure_items(items, settings, progress)
+
+
+def _measure_items(items, settings: MeasureSettings, progress: Progress):
     work: list[_Item] = []
     for name, call in items:
         t_end = time.perf_counter() + settings.warmup_s

@@ -463,7 +463,16 @@ def run_interleaved(calls: Sequence[Callable[[np.ndarray], Any]], x: np.ndarray,
     ``time.perf_counter_ns`` around the call, after ``warmup`` untimed calls of each. The order
     of the calls rotates from image to image (``seed=None``) or is a fresh random permutation
     per image (numpy generator seeded with ``seed``), so background load and cache state hit
-    every call alike."""
+    every call alike. The heap that exists before is kept out of the cyclic GC meanwhile
+    (``devices.profiler.frozen_heap``)."""
+    from devices.profiler import frozen_heap
+
+    with frozen_heap():
+        return _run_interleaved(calls, x, warmup=warmup, seed=seed, progress=progress,
+                                label=label, first_report=first_report)
+
+
+def _run_interleaved(calls, x, *, warmup, seed, progress, label, first_report) -> InterleavedCalls:
     V, n = len(calls), len(x)
     for fn in calls:  # warm-up: sessions, caches, branch predictors
         for i in range(min(warmup, n)):

@@ -446,3 +446,33 @@ def test_profiler_modules_never_import_torch_train_export_or_matplotlib():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_timing_keeps_the_existing_heap_out_of_the_cyclic_gc():
+    """measure_items and run_interleaved time with the objects that existed before frozen
+    (gc.freeze) and leave the collector as they found it, also after an error."""
+    import gc
+
+    from devices.profiler import frozen_heap, measure_items
+    from pipeline.evaluate import run_interleaved
+
+    heap = [{"i": i} for i in range(50_000)]
+    assert gc.get_freeze_count() == 0
+    seen: list[int] = []
+
+    def call():
+        seen.append(gc.get_freeze_count())
+        return (0.001,)
+
+    from devices.profiler import MeasureSettings
+    measure_items([("a", call)], MeasureSettings(warmup_s=0.0, warmup_calls=1, min_iters=3,
+                                                max_iters=3, max_seconds=1.0, block=1))
+    assert min(seen) >= len(heap) and gc.get_freeze_count() == 0
+    seen.clear()
+    run_interleaved([lambda img: seen.append(gc.get_freeze_count()) or 0],
+                    np.zeros((3, 2, 2, 1), dtype=np.uint8))
+    assert len(seen) == 3 and min(seen) >= len(heap) and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        with frozen_heap():
+            raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0
