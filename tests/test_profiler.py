@@ -476,3 +476,8 @@ def test_timing_keeps_the_existing_heap_out_of_the_cyclic_gc():
         with frozen_heap():
             raise RuntimeError("boom")
     assert gc.get_freeze_count() == 0
+    with frozen_heap():  # nested (bench/run_all around run_interleaved): still frozen after
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() >= len(heap)
+    assert gc.get_freeze_count() == 0
