@@ -337,6 +337,26 @@ def test_benchmark_suite_runs_on_a_build(host_build, tmp_path, pipeline_env):
     assert results, r.stdout[-2000:]
 
 
+def test_router_bound_on_a_build(host_build):
+    """bench/router_bound.py on a real build: per first-stage variant, the cheapest policy
+    within the test drop, and cheaper (or equal) when more drop is allowed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "router_bound.py"
+    spec = importlib.util.spec_from_file_location("router_bound", path)
+    rb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rb)
+    root = host_build[1].root
+    tight = rb.bound(root, 0.5, 6)
+    loose = rb.bound(root, 100.0, 6)
+    assert set(loose["starts"]) == {"F", "T"}
+    for start, b in loose["starts"].items():
+        assert b is not None and b["cost_fraction"] > 0 and b["test_drop_points"] <= 100.0
+        t = tight["starts"][start]
+        if t is not None:
+            assert t["test_drop_points"] <= 0.5 and b["cost_fraction"] <= t["cost_fraction"]
+
+
 def test_builds_for_several_devices_share_one_training(root, tmp_path):
     """`pipeline build --device host,raspberry-pi-5`: the second device reuses the first's
     training (cached under OUT/.train-cache by training config and data), and a later build for
