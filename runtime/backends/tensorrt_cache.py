@@ -40,13 +40,16 @@ ENGINES_DIR = "engines"
 
 
 def find_bundle_root(path: Path, depth: int = 6) -> Optional[Path]:
-    """The directory holding ``manifest.json`` above ``path`` (the bundle), or None."""
+    """The directory holding ``manifest.json`` at most ``depth`` levels above ``path`` (the
+    bundle), or None."""
     from runtime.manifest import MANIFEST_NAME
 
     for d in [path.parent, *path.parent.parents][:depth]:
         if (d / MANIFEST_NAME).is_file():
             return d
     return None
+
+
 SIDECAR_SCHEMA = 1
 #: Must equal ``export.tensorrt.config.PLAN_SCHEMA`` (it is part of every plan hash).
 PLAN_SCHEMA = 1

@@ -71,7 +71,6 @@ __all__ = ["ENGINE_SUFFIXES", "EngineNotBuiltError", "EngineShapeError", "Tensor
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 #: cuda-python runtime modules, newest layout first (cuda-python >= 12.6 / 13, then <= 12.x).
 CUDART_MODULES = ("cuda.bindings.runtime", "cuda.cudart")
-_MANIFEST_SEARCH_DEPTH = 6
 _TRT_NP_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "UINT8": "uint8", "INT32": "int32",
                   "INT64": "int64", "BOOL": "bool"}
 _MANIFEST_NP_DTYPES = {"float32", "float16", "int8", "uint8", "int32", "int64", "bool"}
@@ -319,7 +318,7 @@ class TensorRTPieceRunner:
     def _locate(self, engine_path, bundle_dir, piece_id, verify, build_plan, expected_cc, trt_major) -> _Located:
         direct = Path(engine_path) if engine_path is not None else (
             self.path if self.path.suffix.lower() in ENGINE_SUFFIXES else None)
-        root = Path(bundle_dir) if bundle_dir is not None else find_bundle_root(direct or self.path, _MANIFEST_SEARCH_DEPTH)
+        root = Path(bundle_dir) if bundle_dir is not None else find_bundle_root(direct or self.path)
         manifest = None
         if root is not None and (root / MANIFEST_NAME).is_file():
             manifest = Manifest.from_json((root / MANIFEST_NAME).read_text(encoding="utf-8"),
