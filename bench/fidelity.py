@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.checkpoint import model_from_checkpoint
     from train.data import load_dataset, normalize_batch
-    from train.models import create_model
+    from train.models import checkpoint_model_config, create_model
 
     torch.set_num_threads(args.threads)
     models: dict[str, Any] = {}
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = (info["mean"], info["std"]) if "mean" in info else (data.mean, data.std)
     if args.init:
         if state:
-            name, kwargs = state["model_name"], dict(state["model_config"])
+            name = state["model_name"]
+            kwargs = checkpoint_model_config(name, state["model_config"])
         else:
             name, kwargs = args.model, {"num_classes": data.num_classes, "in_chans": data.in_chans,
                                         "img_size": data.img_size}

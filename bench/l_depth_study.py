@@ -113,13 +113,10 @@ def accuracy_at(rows: list[dict], budget: float, split: str = "test") -> float:
 
 def load_trained(run_dir: Path):
     """The trained model of a run directory (``model.pt``) and its dataset."""
-    from train.checkpoint import load_checkpoint
+    from train.checkpoint import model_from_checkpoint
     from train.data import load_dataset
-    from train.models import create_model
 
-    state = load_checkpoint(run_dir / "model.pt")
-    model = create_model(state["model_name"], **state["model_config"])
-    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    model, state = model_from_checkpoint(run_dir / "model.pt")
     cfg = state["config"]
     data = load_dataset(cfg["data"], cfg["data_root"], val_fraction=cfg["val_fraction"],
                         split_seed=cfg["split_seed"], img_size=cfg["img_size"])

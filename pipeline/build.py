@@ -547,14 +547,11 @@ def _per_variant_exit_norms(ctx: _Ctx, ckpt: Path, out: Path) -> Path:
     such norms."""
     import torch
 
-    from train.checkpoint import load_checkpoint, save_checkpoint
+    from train.checkpoint import model_from_checkpoint, save_checkpoint
     from train.data import load_dataset
     from train.exit_norms import recalibrate_exit_norms, supports_exit_norm_twins
-    from train.models import create_model
 
-    state = load_checkpoint(ckpt)
-    model = create_model(state["model_name"], **state["model_config"])
-    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    model, state = model_from_checkpoint(ckpt)
     if not supports_exit_norm_twins(model) or getattr(model, "exit_norm_twins", False):
         return ckpt
     t, e = ctx.cfg.train, ctx.cfg.export

@@ -22,9 +22,10 @@ def data():
     return load_dataset(DATA)
 
 
-def perturbed_model(data):
+def perturbed_model(data, **kwargs):
     torch.manual_seed(0)
-    model = create_model("resnet20_adn", num_classes=data.num_classes, in_chans=1, img_size=28)
+    model = create_model("resnet20_adn", num_classes=data.num_classes, in_chans=1, img_size=28,
+                         **kwargs)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # trained-like norms, so the two variants' features differ
         for m in model.modules():
@@ -89,14 +90,15 @@ def test_a_checkpoint_from_before_the_twins_loads_into_a_twin_model(data):
                 assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("granularity", ["stage", "split"])
-def test_pieces_of_a_twin_model_pass_the_parity_gate(data, tmp_path, granularity):
+@pytest.mark.parametrize("granularity,exit_head", [("stage", "pyramid"), ("split", "pyramid"),
+                                                   ("split", "conv")])
+def test_pieces_of_a_twin_model_pass_the_parity_gate(data, tmp_path, granularity, exit_head):
     from export.portable import export_checkpoint
     from runtime.bundle import Bundle
     from train.checkpoint import save_checkpoint
 
-    model = recalibrate_exit_norms(perturbed_model(data), data.train.images[:64], data.mean,
-                                   data.std)
+    model = recalibrate_exit_norms(perturbed_model(data, exit_head=exit_head),
+                                   data.train.images[:64], data.mean, data.std)
     state = {"model_name": "resnet20_adn", "model_config": model.model_config(),
              "model": model.state_dict(), "ema": None, "dataset": data.info(), "eval": None,
              "config": {"data": DATA}}

@@ -112,6 +112,8 @@ def test_shapes_every_skip_config(name):
 
 
 @pytest.mark.parametrize("name,kwargs", [("resnet20_adn", {"exit_conv": False}),
+                                         ("resnet20_adn", {"exit_norm_twins": True}),
+                                         ("resnet20_adn", {"exit_head": "conv"}),
                                          ("vit_tiny_adn", {"global_pool": "token", "patch_size": 7, **NARROW_VIT})])
 def test_model_config_rebuilds(name, kwargs):
     model = create_model(name, num_classes=5, in_chans=1, img_size=28, **kwargs)
@@ -120,6 +122,47 @@ def test_model_config_rebuilds(name, kwargs):
     rebuilt = create_model(model.model_name, **cfg)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert rebuilt.model_config() == cfg
+
+
+def test_pyramid_exit_heads_follow_the_later_stages():
+    """exit k gets one strided conv per later stage with that stage's channels (the CIFAR
+    family's default); the one-conv head keeps its state-dict keys."""
+    def conv_shapes(model):
+        return [[tuple(m.weight.shape[:2]) for m in head.modules() if isinstance(m, nn.Conv2d)]
+                for head in model.exits]
+
+    plain = create_model("resnet20_adn", in_chans=1, img_size=28, exit_head="conv")
+    pyramid = create_model("resnet20_adn", in_chans=1, img_size=28)
+    assert conv_shapes(plain) == [[(16, 16)], [(32, 32)]]
+    assert conv_shapes(pyramid) == [[(32, 16), (64, 32)], [(64, 32)]]
+    assert (plain.model_config()["exit_head"], pyramid.model_config()["exit_head"]) == ("conv", "pyramid")
+    assert set(plain.state_dict()) < set(pyramid.state_dict())  # the first conv keeps its name
+    with torch.no_grad():
+        logits = pyramid.eval()(torch.randn(3, 1, 28, 28), "TFT")
+    assert [tuple(t.shape) for t in logits] == [(3, 10)] * 3
+    head_macs = piece_macs(pyramid, 28)["head"]
+    assert head_macs[0] > head_macs[1] > piece_macs(plain, 28)["head"][0]
+    assert create_model("resnet18_adn").exit_head == "conv"  # ImageNet ResNets: no exit conv
+    assert create_model("resnet20_adn", exit_conv=False).exit_head == "conv"
+    with pytest.raises(ValueError, match="exit_head must be one of conv, pyramid"):
+        create_model("resnet20_adn", exit_head="deep")
+    with pytest.raises(ValueError, match="needs exit_conv=True"):
+        create_model("resnet20_adn", exit_head="pyramid", exit_conv=False)
+
+
+def test_a_checkpoint_from_before_the_pyramid_default_loads_with_its_own_heads(tmp_path):
+    from train.checkpoint import model_from_checkpoint, save_checkpoint
+
+    old = create_model("resnet20_adn", in_chans=1, img_size=28, exit_head="conv").eval()
+    config = {k: v for k, v in old.model_config().items() if k != "exit_head"}  # as written then
+    path = save_checkpoint({"model_name": "resnet20_adn", "model_config": config,
+                            "model": old.state_dict(), "ema": None}, tmp_path / "model.pt")
+    loaded, _state = model_from_checkpoint(path)
+    assert loaded.exit_head == "conv"
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        for a, b in zip(old(x, "FTF"), loaded(x, "FTF")):
+            assert torch.equal(a, b)
 
 
 def test_return_increments():

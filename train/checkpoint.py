@@ -59,9 +59,10 @@ def model_from_checkpoint(path: str | Path, use_ema: bool = True):
     ``model_name`` is a registered name, an installed plugin's name or a ``module:factory`` spec;
     a spec's module is imported (that runs its code: the checkpoint names it, see
     ``train/models/plugins.py``), a spec that is not ``identifier(.identifier)*:identifier`` is
-    refused before any import. ``model_config`` holds the factory's keyword arguments.
+    refused before any import. ``model_config`` holds the factory's keyword arguments (keys
+    that an older checkpoint lacks get the value it was built with: ``checkpoint_model_config``).
     """
-    from train.models import create_model
+    from train.models import checkpoint_model_config, create_model
     from runtime.errors import UsageError
 
     state = load_checkpoint(path)
@@ -74,7 +75,7 @@ def model_from_checkpoint(path: str | Path, use_ema: bool = True):
         raise CheckpointError(f"{path}: model_name must be a string and model_config a table of "
                               "keyword arguments")
     try:
-        model = create_model(name, **config)
+        model = create_model(name, **checkpoint_model_config(name, config))
     except UsageError as exc:
         raise CheckpointError(f"{path}: cannot rebuild its model: {exc}") from None
     weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -78,24 +78,34 @@ def copy_norms_to_twins(model: nn.Module) -> list[str]:
 
 
 class ConvExitHead(nn.Module):
-    """Intermediate exit for CNN features: [3x3/2 conv-BN-ReLU] -> global avg pool -> Linear.
+    """Intermediate exit for CNN features: [3x3/2 conv-BN-ReLU] x n -> global avg pool -> Linear.
 
-    The conv is strided: a quarter of the MACs of a stride-1 conv, so the exits an adaptive run
-    passes through stay cheap next to the trunk (a few % of ResNet-20's MACs).
+    Every conv is strided: a quarter of the MACs of a stride-1 conv, so the exits an adaptive run
+    passes through stay cheap next to the trunk. ``widths`` gives each conv's output channels
+    (one conv of ``width`` channels, or none with ``conv=False``, when not given).
     """
 
     def __init__(self, in_chs: int, num_classes: int, conv: bool = True, width: int | None = None,
-                 norm_twins: bool = False) -> None:
+                 norm_twins: bool = False, widths: Sequence[int] | None = None) -> None:
         super().__init__()
-        width = width or in_chs  # channels the classifier sees: a wider conv lifts a thin early exit
-        # norm_twins: the head's BatchNorm keeps separate statistics for the skip variant of its
-        # stage (SkipAwareBatchNorm2d), so the two variants' features are not normalised alike
-        norm = SkipAwareBatchNorm2d(width) if norm_twins else nn.BatchNorm2d(width)
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_chs, width, 3, stride=2, padding=1, bias=False), norm, nn.ReLU(inplace=True),
-        ) if conv else nn.Identity()
+        if widths is None:  # a wider conv lifts a thin early exit
+            widths = [width or in_chs] if conv else []
+        elif not conv:
+            raise ValueError("widths needs conv=True")
+        widths = [int(w) for w in widths]
+        if any(w < 1 for w in widths):
+            raise ValueError(f"exit head widths must be >= 1, got {widths}")
+        layers: list[nn.Module] = []
+        chs = in_chs
+        for w in widths:
+            # norm_twins: the head's BatchNorms keep separate statistics for the skip variant of
+            # its stage (SkipAwareBatchNorm2d), so the two variants' features are not normalised alike
+            norm = SkipAwareBatchNorm2d(w) if norm_twins else nn.BatchNorm2d(w)
+            layers += [nn.Conv2d(chs, w, 3, stride=2, padding=1, bias=False), norm, nn.ReLU(inplace=True)]
+            chs = w
+        self.conv = nn.Sequential(*layers) if layers else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(width if conv else in_chs, num_classes)
+        self.fc = nn.Linear(chs, num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,8 +120,9 @@ class ConvExitHead(nn.Module):
 
     def forward(self, x: Tensor, skipping: bool = False) -> Tensor:
         if isinstance(self.conv, nn.Sequential):
-            conv, norm, act = self.conv
-            x = act(apply_norm(norm, conv(x), skipping))
+            for i in range(0, len(self.conv), 3):
+                conv, norm, act = self.conv[i:i + 3]
+                x = act(apply_norm(norm, conv(x), skipping))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 

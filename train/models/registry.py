@@ -27,15 +27,18 @@ class ModelInfo:
 
 _ENTRIES: dict[str, EntryFn] = {}
 _META: dict[str, dict] = {}
+_LEGACY: dict[str, dict] = {}
 
 
 def register_model(fn: F | None = None, *, name: str | None = None, family: str = "",
                    description: str | None = None, default_img_size: int | None = None,
-                   num_stages: int | None = None):
+                   num_stages: int | None = None, legacy_config: dict | None = None):
     """Register an entry point ``fn(num_classes=, in_chans=, img_size=None, **kwargs) -> AdaptiveDepthNet``.
 
     Usable bare (``@register_model``) or with metadata; the description defaults to the first
     docstring line, and a missing image size / stage count is read off a model built on the meta device.
+    ``legacy_config``: config keys whose default changed after checkpoints were written, with the
+    value such a checkpoint was built with (:func:`checkpoint_model_config`).
     """
     def wrap(f: F) -> F:
         key = name or f.__name__
@@ -45,6 +48,7 @@ def register_model(fn: F | None = None, *, name: str | None = None, family: str 
         _ENTRIES[key] = f
         _META[key] = {"family": family, "description": description or (doc[0] if doc else ""),
                       "default_img_size": default_img_size, "num_stages": num_stages}
+        _LEGACY[key] = dict(legacy_config or {})
         return f
 
     return wrap(fn) if fn is not None else wrap
@@ -84,6 +88,13 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, img_size: 
     model.model_name = name
     model.model_kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
     return model
+
+
+def checkpoint_model_config(name: str, config: dict) -> dict:
+    """The factory keyword arguments of a checkpoint's ``model_config``: keys a checkpoint from
+    before a default changed does not have get the value it was built with (the model's
+    ``legacy_config``)."""
+    return {**_LEGACY.get(name, {}), **config}
 
 
 def list_models(plugins: bool = True) -> list[ModelInfo]:

@@ -17,6 +17,8 @@ from .layers import ConvExitHead, SkipAwareBatchNorm2d, apply_norm, split_stage
 from .registry import register_model
 
 
+EXIT_HEADS = ("conv", "pyramid")  # ResNetADN(exit_head=...)
+
 def _bn(chs: int, skip_aware: bool) -> nn.BatchNorm2d:
     return SkipAwareBatchNorm2d(chs) if skip_aware else nn.BatchNorm2d(chs)
 
@@ -95,6 +97,9 @@ class ResNetADN(AdaptiveDepthNet):
         widths: planes per stage.
         cifar_stem: 3x3 stride-1 stem without max-pool (CIFAR/Fashion-MNIST) instead of 7x7/2 + pool.
         exit_conv: intermediate exits get a 3x3 conv-BN-ReLU before pooling.
+        exit_head: ``"conv"`` (one strided conv of ``exit_width_mult`` x the stage's channels) or
+            ``"pyramid"`` (exit k gets one strided conv per later stage, with that stage's channels
+            x ``exit_width_mult``: the head reaches the last stage's width and resolution cheaply).
         zero_init_residual: zero the last BN gamma of every block (and its twin).
         exit_norm_twins: the intermediate exit heads' BatchNorm keeps separate statistics for
             the skip variant of their stage (set by ``train.exit_norms.recalibrate_exit_norms``
@@ -104,7 +109,8 @@ class ResNetADN(AdaptiveDepthNet):
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  widths: Sequence[int], num_classes: int = 10, in_chans: int = 3, img_size: int = 224,
                  cifar_stem: bool = False, exit_conv: bool = False, exit_width_mult: int = 1,
-                 zero_init_residual: bool = True, exit_norm_twins: bool = False) -> None:
+                 zero_init_residual: bool = True, exit_norm_twins: bool = False,
+                 exit_head: str = "conv") -> None:
         super().__init__()
         if len(layers) != len(widths):
             raise ValueError(f"layers {list(layers)} and widths {list(widths)} differ in length")
@@ -114,6 +120,11 @@ class ResNetADN(AdaptiveDepthNet):
         self.exit_width_mult = int(exit_width_mult)
         if self.exit_width_mult < 1:
             raise ValueError(f"exit_width_mult must be >= 1, got {exit_width_mult!r}")
+        if exit_head not in EXIT_HEADS:
+            raise ValueError(f"exit_head must be one of {', '.join(EXIT_HEADS)}, got {exit_head!r}")
+        if exit_head != "conv" and not exit_conv:
+            raise ValueError(f"exit_head={exit_head!r} needs exit_conv=True")
+        self.exit_head = exit_head
         self.splits = [split_stage(n) for n in layers]
 
         stem_chs = widths[0]
@@ -138,12 +149,20 @@ class ResNetADN(AdaptiveDepthNet):
             self.stage_chs.append(in_chs)
 
         self.exit_norm_twins = bool(exit_norm_twins)
-        self.exits = nn.ModuleList(ConvExitHead(c, num_classes, conv=exit_conv, width=c * self.exit_width_mult,
+        self.exits = nn.ModuleList(ConvExitHead(c, num_classes, conv=exit_conv, widths=self._exit_widths(k),
                                                 norm_twins=self.exit_norm_twins)
-                                   for c in self.stage_chs[:-1])
+                                   for k, c in enumerate(self.stage_chs[:-1]))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_chs, num_classes)
         self._init_weights()
+
+    def _exit_widths(self, k: int) -> list[int] | None:
+        """Output channels of exit ``k``'s strided convs (None: no conv)."""
+        if not self.exit_conv:
+            return None
+        if self.exit_head == "pyramid":
+            return [c * self.exit_width_mult for c in self.stage_chs[k + 1:]]
+        return [self.stage_chs[k] * self.exit_width_mult]
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -194,32 +213,37 @@ class ResNetADN(AdaptiveDepthNet):
                "exit_width_mult": self.exit_width_mult, "zero_init_residual": self.zero_init_residual}
         if self.exit_norm_twins:  # only when set: earlier checkpoints' configs stay as they were
             cfg["exit_norm_twins"] = True
+        cfg["exit_head"] = self.exit_head
         return cfg
 
 
 def _resnet(block, layers, widths, cifar: bool, num_classes: int = 10, in_chans: int = 3,
             img_size: int | None = None, **kwargs) -> ResNetADN:
     kwargs.setdefault("exit_conv", cifar)
+    # CIFAR family: pyramid heads (docs/models.md: stronger early exits for a few % of the MACs)
+    kwargs.setdefault("exit_head", "pyramid" if cifar and kwargs["exit_conv"] else "conv")
     return ResNetADN(block, layers, widths, num_classes=num_classes, in_chans=in_chans,
                      img_size=img_size or (32 if cifar else 224), cifar_stem=cifar, **kwargs)
 
 
 _CIFAR_W, _IMNET_W = (16, 32, 64), (64, 128, 256, 512)
+#: checkpoints written before the CIFAR family's default head became "pyramid" have no exit_head
+_CIFAR_LEGACY = {"exit_head": "conv"}
 
 
-@register_model(family="resnet_cifar", default_img_size=32, num_stages=3)
+@register_model(family="resnet_cifar", default_img_size=32, num_stages=3, legacy_config=_CIFAR_LEGACY)
 def resnet20_adn(**kwargs) -> ResNetADN:
     """CIFAR ResNet-20 (3x3 BasicBlocks, 16/32/64 channels), stages 2+1 each."""
     return _resnet(BasicBlock, (3, 3, 3), _CIFAR_W, cifar=True, **kwargs)
 
 
-@register_model(family="resnet_cifar", default_img_size=32, num_stages=3)
+@register_model(family="resnet_cifar", default_img_size=32, num_stages=3, legacy_config=_CIFAR_LEGACY)
 def resnet32_adn(**kwargs) -> ResNetADN:
     """CIFAR ResNet-32 (5 BasicBlocks per stage), stages 3+2 each."""
     return _resnet(BasicBlock, (5, 5, 5), _CIFAR_W, cifar=True, **kwargs)
 
 
-@register_model(family="resnet_cifar", default_img_size=32, num_stages=3)
+@register_model(family="resnet_cifar", default_img_size=32, num_stages=3, legacy_config=_CIFAR_LEGACY)
 def resnet56_adn(**kwargs) -> ResNetADN:
     """CIFAR ResNet-56 (9 BasicBlocks per stage), stages 5+4 each."""
     return _resnet(BasicBlock, (9, 9, 9), _CIFAR_W, cifar=True, **kwargs)
