@@ -496,3 +496,20 @@ def test_generic_config_rebuilds_and_increments(name):
     logits, inc = model.eval()(torch.randn(2, chans, size, size), skip[:model.num_stages], return_increments=True)
     assert len(logits) == len(inc) == model.num_stages
     assert inc[1] is None and inc[0].shape == (2,) and torch.isfinite(inc[0]).all()
+
+
+def test_exit_head_cost_bench_times_both_heads_on_the_same_batches():
+    """bench/exit_head_cost.py trains both heads for real and prints each step time and the ratio."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/exit_head_cost.py", "--steps", "4", "--warmup", "1"],
+                       cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = dict(re.findall(r"^(conv|pyramid) +median step +([0-9.]+) ms", r.stdout, re.M))
+    assert set(steps) == {"conv", "pyramid"} and all(float(v) > 0 for v in steps.values())
+    ratio = float(re.search(r"^pyramid / conv step time: ([0-9.]+)$", r.stdout, re.M).group(1))
+    assert ratio == pytest.approx(float(steps["pyramid"]) / float(steps["conv"]), rel=0.01)

@@ -1,0 +1,97 @@
+"""Training step time of the ResNet-ADN exit heads side by side: one-conv against pyramid.
+
+    .venv/bin/python bench/exit_head_cost.py [--model resnet20_adn] [--steps 48] [--bf16 auto|off]
+
+Two trainers of the default recipe (``train.config.TrainConfig``), identical but for
+``model_kwargs = {"exit_head": ...}``, run the same batches: a few warm-up steps each, then
+alternating blocks of 4 timed steps (super-net and base-net forward, ADNLoss with L_depth,
+backward, optimizer and scheduler step, exactly what ``train/trainer.py`` runs). Prints the
+median step time of each and their ratio (one run, no spread across runs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+HEADS = ("conv", "pyramid")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20_adn")
+    p.add_argument("--steps", type=int, default=48, help="timed steps per head")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bf16", choices=("auto", "off"), default="auto",
+                   help="auto: bf16 autocast where the CPU has native bf16 (the recipe's default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from train.config import TrainConfig
+    from train.data import iterate_batches
+    from train.trainer import Trainer
+
+    trainers = {}
+    for head in HEADS:
+        torch.manual_seed(0)
+        cfg = TrainConfig(model=args.model, out=tempfile.mkdtemp(prefix="bench-heads-"),
+                          model_kwargs={"exit_head": head},
+                          bf16="auto" if args.bf16 == "auto" else False)
+        trainers[head] = Trainer(cfg, log=lambda _m: None)
+    first = trainers[HEADS[0]]
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i, (images, labels) in enumerate(iterate_batches(first.data.train, first.cfg.batch_size,
+                                                         shuffle=True, generator=gen,
+                                                         drop_last=True)):
+        batches.append((first._prepare(images, i), labels))
+        if len(batches) >= args.warmup + args.steps:
+            break
+
+    def step(tr, x, y) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.bf16):
+            s, b, inc = tr.step_module(x)
+            loss, _ = tr.loss_fn(s, b, y, inc)
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.optimizer.step()
+        tr.scheduler.step()
+
+    for tr in trainers.values():
+        tr.step_module.train()
+        for x, y in batches[:args.warmup]:
+            step(tr, x, y)
+    times: dict[str, list[float]] = {h: [] for h in HEADS}
+    timed = batches[args.warmup:]
+    block = 4
+    for bi, s in enumerate(range(0, len(timed), block)):
+        for j in range(len(HEADS)):
+            head = HEADS[(bi + j) % len(HEADS)]
+            for x, y in timed[s:s + block]:
+                t0 = time.perf_counter()
+                step(trainers[head], x, y)
+                times[head].append(time.perf_counter() - t0)
+    med = {h: float(np.median(v)) for h, v in times.items()}
+    bs = first.cfg.batch_size
+    print(f"# {' '.join([sys.executable, *sys.argv])}")
+    print(f"# {args.model}, {first.data.name}, batch {bs}, bf16 {first.bf16}, "
+          f"{torch.get_num_threads()} threads, {len(timed)} timed steps per head")
+    for h in HEADS:
+        print(f"{h:<8} median step {1e3 * med[h]:7.1f} ms  ({bs / med[h]:.0f} images/s)")
+    print(f"pyramid / conv step time: {med['pyramid'] / med['conv']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
