@@ -4,8 +4,8 @@
 
 Two trainers of the default recipe (``train.config.TrainConfig``), identical but for
 ``model_kwargs = {"exit_head": ...}``, run the same batches: a few warm-up steps each, then
-alternating blocks of 4 timed steps (super-net and base-net forward, ADNLoss with L_depth,
-backward, optimizer and scheduler step, exactly what ``train/trainer.py`` runs). Prints the
+alternating blocks of 4 timed steps of ``Trainer.train_step`` (super-net and base-net forward,
+ADNLoss with L_depth, backward, optimizer and scheduler step). Prints the
 median step time of each and their ratio (one run, no spread across runs).
 """
 from __future__ import annotations
@@ -59,19 +59,10 @@ def main(argv=None) -> int:
         if len(batches) >= args.warmup + args.steps:
             break
 
-    def step(tr, x, y) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.bf16):
-            s, b, inc = tr.step_module(x)
-            loss, _ = tr.loss_fn(s, b, y, inc)
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.optimizer.step()
-        tr.scheduler.step()
-
     for tr in trainers.values():
         tr.step_module.train()
         for x, y in batches[:args.warmup]:
-            step(tr, x, y)
+            tr.train_step(x, y)
     times: dict[str, list[float]] = {h: [] for h in HEADS}
     timed = batches[args.warmup:]
     block = 4
@@ -80,7 +71,7 @@ def main(argv=None) -> int:
             head = HEADS[(bi + j) % len(HEADS)]
             for x, y in timed[s:s + block]:
                 t0 = time.perf_counter()
-                step(trainers[head], x, y)
+                trainers[head].train_step(x, y)
                 times[head].append(time.perf_counter() - t0)
     med = {h: float(np.median(v)) for h, v in times.items()}
     bs = first.cfg.batch_size

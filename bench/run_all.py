@@ -367,13 +367,7 @@ def bench_training(ckpt: Path, steps: int, threads: Optional[int], quick: bool) 
     p_sched = build_scheduler(p_opt, cfg, tr.steps_per_epoch)
 
     def adn_step(x, y):
-        with torch.autocast(tr.ctx.device.type, dtype=torch.bfloat16, enabled=tr.bf16):
-            s, b, inc = tr.step_module(x)
-            loss, _ = tr.loss_fn(s, b, y, inc)
-        tr.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        tr.optimizer.step()
-        tr.scheduler.step()
+        tr.train_step(x, y)
 
     def plain_step(x, y):
         with torch.autocast(tr.ctx.device.type, dtype=torch.bfloat16, enabled=tr.bf16):

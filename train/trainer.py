@@ -188,6 +188,23 @@ class Trainer:
         x = normalize_batch(images, self.data.mean, self.data.std, channels_last=self.cfg.channels_last)
         return x.to(self.ctx.device, non_blocking=True)
 
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], dict[str, float]]:
+        """One optimizer step on a prepared batch: super-net and base-net forward, the loss,
+        backward, optimizer, scheduler (and EMA) step. Returns the super-net's exit logits and
+        the loss terms; raises FloatingPointError when the loss is not finite."""
+        with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            super_logits, base_logits, increments = self.step_module(x)
+            loss, terms = self.loss_fn(super_logits, base_logits, y, increments)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return super_logits, terms
+
     def train_epoch(self) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
         self._train_mode()
@@ -204,17 +221,7 @@ class Trainer:
             if i < self.step_in_epoch:
                 continue  # resuming mid-epoch: this batch was already trained on
             x, y = self._prepare(images, self.global_step), labels.to(ctx.device)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                super_logits, base_logits, increments = self.step_module(x)
-                loss, terms = self.loss_fn(super_logits, base_logits, y, increments)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
+            super_logits, terms = self.train_step(x, y)
             self.step_in_epoch += 1
             self.global_step += 1
             steps_done += 1
