@@ -19,6 +19,7 @@ from .registry import register_model
 
 EXIT_HEADS = ("conv", "pyramid")  # ResNetADN(exit_head=...)
 
+
 def _bn(chs: int, skip_aware: bool) -> nn.BatchNorm2d:
     return SkipAwareBatchNorm2d(chs) if skip_aware else nn.BatchNorm2d(chs)
 
