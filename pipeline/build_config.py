@@ -125,7 +125,8 @@ class CalibrateSection:
                                       # lookahead | full
     max_drop: float = 0.5             # accuracy points vs full depth
     mean_budget_ms: Optional[float] = None  # target mean latency instead of max_drop
-    risk_delta: Optional[float] = None      # risk-controlled fit (P(drop <= max_drop) >= 1-delta)
+    risk_delta: Optional[float] = None      # risk-controlled fit (P(drop <= max_drop) >= 1-delta);
+                                            # the router's default certificate is delta 0.05
     skip_config: str = "auto"         # "auto": the fastest configuration that meets the target;
                                       # "full" (FF..F); or one, e.g. "FTF"
     limit: int = 0                    # validation images (0: all)

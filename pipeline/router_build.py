@@ -68,14 +68,14 @@ def fit_bundle_router(manifest, probs: dict, labels, device: str, backend: str, 
     """The fitted router (``export.routing_fit.RouterFit``) for this bundle's latency table;
     ``reference_correct``: what the drop is certified against (default: full depth of
     ``probs``)."""
-    from export.routing_fit import fit_router
+    from export.routing_fit import DEFAULT_Z, fit_router
 
     cost = span_costs(manifest, device, backend, "p50")
     q = 1.0 - epsilon
     stat = "p99" if q >= 0.99 else ("p95" if q >= 0.95 else "p90")
     quant = span_costs(manifest, device, backend, stat, bound=True)
     elapsed = span_costs(manifest, device, backend, "p90")
-    z = 1.0 if delta is None else float(NormalDist().inv_cdf(1.0 - float(delta)))
+    z = DEFAULT_Z if delta is None else float(NormalDist().inv_cdf(1.0 - float(delta)))
     return fit_router(probs, labels, cost, max_drop=max_drop, z=z, exit_cost_ms=EXIT_COST_MS,
                       budgets_ms=budget_grid(manifest, device, backend), span_quantile=quant,
                       span_elapsed=elapsed, pre_ms=CALL_OVERHEAD_MS, epsilon=epsilon,

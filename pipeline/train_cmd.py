@@ -24,6 +24,9 @@ import click
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None)
 @click.option("--depth-lambda", type=click.FloatRange(min=0), default=None,
               help="Weight of L_depth (0 disables it).")
+@click.option("--mixed-subnets", type=click.IntRange(min=0), default=None,
+              help="Mixed skip configurations (some stages skipped) trained per step besides the "
+                   "super-net and the base-net, drawn at random. [0]")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast.")
 @click.option("--ema/--no-ema", default=None, help="Keep an EMA of the weights (used for eval/export).")
 @click.option("--seed", type=int, default=None)

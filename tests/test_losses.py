@@ -174,6 +174,31 @@ def test_distilling_from_the_final_exit():
     assert all(g is not None and g.abs().sum() > 0 for g in grads[:2] + grads[3:])
 
 
+def test_mixed_subnetworks_are_distilled_at_their_mixed_exits():
+    model = _model()
+    x, y = _toy_batch(16)
+    s, b, _ = _forward(model, x)
+    tff, ftt = model(x, "TFF"), model(x, "FTT")
+    fn = ADNLoss(3, alpha=0.3, temperature=2.0, distill_from="final")
+    plain, _ = fn(s, b, y)
+    loss, stats = fn(s, b, y, mixed_logits=[((True, False, False), tff), ((False, True, True), ftt)])
+    w = default_exit_weights(3)
+    # exit 0 of TFF is the base-net's, exit 0 of FTT the super-net's: only later exits count
+    expected = sum(distillation_kl(m, [s[-1]] * 3, 2.0, [0.0, w[1], w[2]]).item() * (w[1] + w[2])
+                   for m in (tff, ftt))
+    assert stats["kl_mixed"] == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 0.7 * expected, rel=1e-5)
+    grads = torch.autograd.grad(loss, list(tff) + [s[-1]], allow_unused=True)
+    assert grads[0] is None and grads[1].abs().sum() > 0 and grads[2].abs().sum() > 0
+    same_exit, st = ADNLoss(3, distill_from="same-exit")(s, b, y, mixed_logits=[("TFF", tff)])
+    assert st["kl_mixed"] == pytest.approx(
+        distillation_kl(tff, s, 1.0, [0.0, w[1], w[2]]).item() * (w[1] + w[2]), rel=1e-5)
+    with pytest.raises(ValueError, match="not mixed"):
+        fn(s, b, y, mixed_logits=[((True, True, True), b)])
+    with pytest.raises(ValueError, match="base_logits"):
+        fn(s, None, y, mixed_logits=[((True, False, False), tff)])
+
+
 def test_depth_on_the_base_net_adds_its_own_term():
     model = _model()
     x, y = _toy_batch(16)

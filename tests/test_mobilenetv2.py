@@ -126,7 +126,7 @@ def test_trains_on_fashion_mnist(tmp_path):
         # batch statistics: 25 steps are too few for BN running averages (momentum 0.1) to settle
         trainer.step_module.train()
         with torch.no_grad():
-            s, b, inc = trainer.step_module(x)
+            s, b, inc, _ = trainer.step_module(x)
             return float(trainer.loss_fn(s, b, labels, inc)[0])
 
     before = loss_on_fixed_batch()

@@ -165,6 +165,24 @@ def test_a_checkpoint_from_before_the_pyramid_default_loads_with_its_own_heads(t
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["resnet20_adn", "mobilenetv2_adn_cifar", "vit_tiny_adn"])
+def test_forward_configs_matches_forward_and_runs_shared_prefixes_once(name):
+    kwargs = NARROW_VIT if name.startswith("vit") else {}
+    model = create_model(name, in_chans=1, img_size=28, **kwargs).eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 1, 28, 28)
+    S = model.num_stages
+    configs = [(True,) * S, (True,) + (False,) * (S - 1), (False,) + (True,) * (S - 1)]
+    calls = []
+    model.forward_stage = lambda k, h, skip, _f=model.forward_stage: calls.append((k, skip)) or _f(k, h, skip)
+    with torch.no_grad():
+        together = model.forward_configs(x, configs)
+        assert len(calls) == 1 + 2 * (S - 1) + S  # stage 0's skip variant ran once for the first two
+        for config, logits in zip(configs, together):
+            alone = model(x, config)
+            assert len(logits) == S and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logits, alone))
+
+
 def test_return_increments():
     model = create_model("vit_tiny_adn", in_chans=1, img_size=28, **NARROW_VIT).eval()
     logits, inc = model(torch.randn(2, 1, 28, 28), "FTFT", return_increments=True)
@@ -498,18 +516,22 @@ def test_generic_config_rebuilds_and_increments(name):
     assert inc[1] is None and inc[0].shape == (2,) and torch.isfinite(inc[0]).all()
 
 
-def test_exit_head_cost_bench_times_both_heads_on_the_same_batches():
-    """bench/exit_head_cost.py trains both heads for real and prints each step time and the ratio."""
+@pytest.mark.parametrize("compare, arms", [("exit_head", ("conv", "pyramid")),
+                                            ("mixed_subnets", ("mixed=0", "mixed=1"))])
+def test_train_step_cost_bench_times_both_arms_on_the_same_batches(compare, arms):
+    """bench/train_step_cost.py trains both arms for real and prints each step time and the ratio."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "bench/exit_head_cost.py", "--steps", "4", "--warmup", "1"],
+    r = subprocess.run([sys.executable, "bench/train_step_cost.py", "--compare", compare,
+                        "--steps", "4", "--warmup", "1"],
                        cwd=repo, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    steps = dict(re.findall(r"^(conv|pyramid) +median step +([0-9.]+) ms", r.stdout, re.M))
-    assert set(steps) == {"conv", "pyramid"} and all(float(v) > 0 for v in steps.values())
-    ratio = float(re.search(r"^pyramid / conv step time: ([0-9.]+)$", r.stdout, re.M).group(1))
-    assert ratio == pytest.approx(float(steps["pyramid"]) / float(steps["conv"]), rel=0.01)
+    steps = dict(re.findall(r"^(\S+) +median step +([0-9.]+) ms", r.stdout, re.M))
+    assert set(steps) == set(arms) and all(float(v) > 0 for v in steps.values())
+    ratio = float(re.search(rf"^{re.escape(arms[1])} / {re.escape(arms[0])} step time: ([0-9.]+)$",
+                            r.stdout, re.M).group(1))
+    assert ratio == pytest.approx(float(steps[arms[1]]) / float(steps[arms[0]]), rel=0.01)

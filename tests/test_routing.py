@@ -157,6 +157,31 @@ def test_fit_router_meets_the_target_held_out_and_keeps_the_exit_that_pays():
     assert fit.heldout_latency_ms < fastest[(2,)]
 
 
+def test_the_default_certificate_is_cross_fitted_at_z_1645():
+    """Every validation sample is scored by the policy fitted on the other fold; the bound is
+    the paired drop over all of them plus 1.645 standard errors, and the shipped policy is the
+    refit on all the data."""
+    from export.routing_fit import DEFAULT_Z, _crossfit, paired_drop_bound
+
+    probs, y = synthetic_probs(S=3)
+    fit = fit_router(probs, y, unit_cost, max_drop=1.0, exit_cost_ms=0.1)
+    data = RoutingData(probs, y)
+    perm = np.random.default_rng(0).permutation(data.N)
+    folds = (np.sort(perm[: data.N // 2]), np.sort(perm[data.N // 2:]))
+    start = fit.rule.default_policy.start
+    corr, _ = _crossfit(data, unit_cost, fit.exits, fit.lam, folds, 0.1, {"start": start})
+    full = data.correct["FFF"]
+    worse, better = int(np.sum((full == 1) & (corr == 0))), int(np.sum((full == 0) & (corr == 1)))
+    assert DEFAULT_Z == pytest.approx(1.645)
+    assert fit.drop_bound_points == pytest.approx(100 * paired_drop_bound(worse, better, data.N, DEFAULT_Z))
+    assert fit.heldout_accuracy == pytest.approx(corr.mean())
+    refit = fit_policy(data, unit_cost, fit.exits, fit.lam, np.arange(data.N), exit_cost_ms=0.1, start=start)
+    assert refit.decisions == fit.rule.default_policy.decisions
+    # a looser certificate can only be as fast or faster
+    loose = fit_router(probs, y, unit_cost, max_drop=1.0, exit_cost_ms=0.1, z=0.0)
+    assert loose.heldout_latency_ms <= fit.heldout_latency_ms
+
+
 def test_every_start_is_a_candidate_and_one_exit_means_static_sub_networks():
     """The first span's variant is a candidate of its own: with only the last exit kept the
     candidates are the static sub-networks (TTT: 3 points worse here, cost 2.1 + the exit)."""

@@ -29,7 +29,7 @@ def test_steps_on_fashion_mnist_lower_the_loss(tmp_path):
     def loss_on_fixed_batch() -> float:
         trainer.step_module.eval()
         with torch.no_grad():
-            s, b, inc = trainer.step_module(x)
+            s, b, inc, _ = trainer.step_module(x)
             return float(trainer.loss_fn(s, b, labels, inc)[0])
 
     before = loss_on_fixed_batch()
@@ -41,15 +41,17 @@ def test_steps_on_fashion_mnist_lower_the_loss(tmp_path):
         assert key in stats and stats[key] == stats[key], key  # present and not NaN
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    straight = Trainer(_cfg(tmp_path / "a"), log=lambda _m: None)
+@pytest.mark.parametrize("mixed_subnets", [0, 2])
+def test_resume_reproduces_uninterrupted_run(tmp_path, mixed_subnets):
+    straight = Trainer(_cfg(tmp_path / "a", mixed_subnets=mixed_subnets), log=lambda _m: None)
     straight.fit()
     # Same run, killed mid-way through the second epoch (max_steps), then resumed.
     steps_per_epoch = straight.steps_per_epoch
-    interrupted = Trainer(_cfg(tmp_path / "b", max_steps=steps_per_epoch + 3), log=lambda _m: None)
+    interrupted = Trainer(_cfg(tmp_path / "b", max_steps=steps_per_epoch + 3, mixed_subnets=mixed_subnets),
+                          log=lambda _m: None)
     interrupted.fit()
     assert load_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")["step_in_epoch"] == 3
-    resumed = Trainer(_cfg(tmp_path / "b"), log=lambda _m: None)
+    resumed = Trainer(_cfg(tmp_path / "b", mixed_subnets=mixed_subnets), log=lambda _m: None)
     resumed.fit(resume=True)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
@@ -142,6 +144,40 @@ def test_depth_loss_switch_and_lambda_zero(tmp_path):
         TrainConfig(depth_on="base")
 
 
+def test_mixed_configs_are_drawn_reproducibly():
+    from train.trainer import draw_mixed_configs, mixed_skip_configs
+
+    configs = mixed_skip_configs(3)
+    assert len(configs) == 6 and all(any(c) and not all(c) for c in configs)
+    assert mixed_skip_configs(1) == []
+    drawn = [draw_mixed_configs(configs, 2, seed=0, step=step) for step in range(200)]
+    assert all(len(set(d)) == 2 and set(d) <= set(configs) for d in drawn)
+    assert drawn == [draw_mixed_configs(configs, 2, seed=0, step=step) for step in range(200)]
+    assert drawn != [draw_mixed_configs(configs, 2, seed=1, step=step) for step in range(200)]
+    assert {c for d in drawn for c in d} == set(configs)
+    assert sorted(draw_mixed_configs(configs, 9, seed=0, step=0)) == sorted(configs)
+
+
+def test_mixed_subnets_config_and_training_step(tmp_path):
+    """``mixed_subnets`` is checked, and one real step with it trains the drawn sub-networks:
+    ``kl_mixed`` is reported and the step moves the weights differently from a step without."""
+    with pytest.raises(ValueError, match="mixed_subnets"):
+        TrainConfig(mixed_subnets=-1)
+    with pytest.raises(ValueError, match="mixed_subnets.*self_distill"):
+        TrainConfig(mixed_subnets=1, self_distill=False)
+    common = dict(data="fashion-mnist", epochs=1, max_steps=1, batch_size=32, warmup_epochs=0, threads=1)
+    steps = {}
+    for mixed in (0, 1):
+        torch.manual_seed(0)
+        trainer = Trainer(_cfg(tmp_path / str(mixed), mixed_subnets=mixed, **common), log=lambda _m: None)
+        steps[mixed] = (trainer, trainer.train_epoch())
+    (plain, plain_stats), (mixed, mixed_stats) = steps[0], steps[1]
+    assert "kl_mixed" not in plain_stats and mixed_stats["kl_mixed"] > 0
+    assert mixed_stats["loss"] > plain_stats["loss"]
+    a, b = plain.model.state_dict(), mixed.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("name", ["resnet20_adn", "vit_tiny_adn"])
 def test_adn_step_gradients_reach_every_parameter(name):
     from train.losses import ADNLoss, DepthLoss
@@ -156,7 +192,7 @@ def test_adn_step_gradients_reach_every_parameter(name):
                       halting="learned", beta=0.1)
     loss_fn = ADNLoss(model.num_stages, label_smoothing=0.1, depth=depth)
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
-    super_logits, base_logits, increments = ADNStep(model, self_distill=True)(x)
+    super_logits, base_logits, increments, _ = ADNStep(model, self_distill=True)(x)
     loss, terms = loss_fn(super_logits, base_logits, y, increments)
     assert torch.isfinite(loss) and all(v == v for v in terms.values())
     loss.backward()

@@ -45,6 +45,9 @@ class TrainConfig:
     kd_temperature: float = 1.0
     exit_weights: list[float] | None = None
     distill_from: str = "final"  # final | same-exit: what the exits learn from (docs/l_depth.md)
+    # Mixed skip configurations (some stages skipped, some not) trained per step besides the
+    # super-net and the base-net, drawn at random and distilled like the base-net (docs/training.md).
+    mixed_subnets: int = 0
 
     # L_depth (optimal-stopping regulariser). depth_loss = false drops it; depth_lambda = 0 keeps
     # its stopping-weighted cross-entropy without the cost of depth.
@@ -149,6 +152,7 @@ _CHECKS: dict[str, Callable[[Validator, Any, str], object]] = {
     "kd_temperature": lambda v, x, p: v.num(x, p, lo=0, lo_open=True),
     "exit_weights": lambda v, x, p: None if x is None else v.list_of(x, p, _nonneg(v), min_len=1),
     "distill_from": lambda v, x, p: v.enum(x, p, DISTILL_FROM),
+    "mixed_subnets": lambda v, x, p: v.int_(x, p, lo=0),
     "depth_loss": lambda v, x, p: v.bool_(x, p),
     "depth_on": lambda v, x, p: v.enum(x, p, DEPTH_ON),
     "depth_lambda": lambda v, x, p: v.num(x, p, lo=0),
@@ -181,6 +185,8 @@ def check_fields(values: Mapping[str, Any], v: Validator, prefix: str = "",
         return
     v.check(values["warmup_epochs"] < values["epochs"], field_path(prefix, "warmup_epochs"),
             f"expected a number < epochs ({values['epochs']}), got {short_repr(values['warmup_epochs'])}")
+    v.check(values["self_distill"] or not values["mixed_subnets"], field_path(prefix, "mixed_subnets"),
+            "mixed sub-networks are distilled from the super-net: they need self_distill = true")
 
 
 def read_config_file(path: "str | os.PathLike[str]", what: str = "a config file") -> dict:

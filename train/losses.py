@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from train.config import DEPTH_ON, DISTILL_FROM
+from train.models.base import normalize_skip
 
 __all__ = [
     "default_exit_weights",
@@ -501,11 +502,17 @@ class ADNLoss(nn.Module):
                 f"distill_from={self.distill_from!r}, depth_on={self.depth_on!r}")
 
     def forward(self, super_logits: Sequence[Tensor], base_logits: Sequence[Tensor] | None, targets: Tensor,
-                super_increments: Sequence[Tensor | None] | None = None) -> tuple[Tensor, dict[str, float]]:
+                super_increments: Sequence[Tensor | None] | None = None,
+                mixed_logits: Sequence[tuple[Sequence[bool] | str, Sequence[Tensor]]] = ()
+                ) -> tuple[Tensor, dict[str, float]]:
         """``(loss, stats)``; stats: ``loss``, ``ce_super``, ``kl_base`` (T^2-scaled; 0 without a
         base-net; with ``distill_from="final"`` it includes ``kl_super``, the super-net's earlier
         exits' part) and, with a depth loss, its keys (``l_depth``, ``expected_exit``, ...;
-        ``l_depth_base`` with ``depth_on="super+base"``)."""
+        ``l_depth_base`` with ``depth_on="super+base"``).
+
+        ``mixed_logits``: ``(skip config, exit logits)`` of mixed sub-networks, each distilled
+        like the base-net (same teacher, weight ``1 - alpha``) at the exits whose stages so far
+        are mixed (the others are the super-net's or the base-net's own exits); stat ``kl_mixed``."""
         if _check_logits(super_logits, "super_logits") != self.num_exits:
             raise ValueError(f"got super logits for {len(super_logits)} exits, expected {self.num_exits}")
         ce = exit_cross_entropy(super_logits, targets, self.exit_weights, self.label_smoothing)
@@ -525,6 +532,12 @@ class ADNLoss(nn.Module):
             else:
                 kl = distillation_kl(base_logits, super_logits, self.temperature, self.exit_weights)
             loss = self.alpha * ce + (1 - self.alpha) * kl
+        if mixed_logits:
+            if base_logits is None:
+                raise ValueError("mixed sub-networks are distilled like the base-net: base_logits is needed")
+            kl_mixed = sum(self._kl_mixed(config, logits, super_logits) for config, logits in mixed_logits)
+            loss = loss + (1 - self.alpha) * kl_mixed
+            stats["kl_mixed"] = kl_mixed
         stats = {"loss": loss, "ce_super": ce, "kl_base": kl, **stats}
         if self.depth is not None:
             depth_loss, depth_stats = self.depth.forward_tensors(super_logits, targets, super_increments)
@@ -536,6 +549,18 @@ class ADNLoss(nn.Module):
             stats["loss"] = loss
             stats.update(depth_stats)
         return loss, _to_floats(stats)
+
+    def _kl_mixed(self, config: Sequence[bool] | str, logits: Sequence[Tensor], super_logits: Sequence[Tensor]) -> Tensor:
+        """``T^2 sum_k w_k KL(teacher_k detached || exit k)`` over the exits after mixed prefixes."""
+        if _check_logits(logits, "mixed_logits") != self.num_exits:
+            raise ValueError(f"a mixed sub-network needs {self.num_exits} exits, got {len(logits)}")
+        config = normalize_skip(config, self.num_exits)
+        w = [wk if any(config[:k + 1]) and not all(config[:k + 1]) else 0.0
+             for k, wk in enumerate(self.exit_weights)]
+        if sum(w) == 0:
+            raise ValueError(f"skip config {list(config)} is not mixed: it skips every stage or none")
+        teacher = [super_logits[-1]] * self.num_exits if self.distill_from == "final" else super_logits
+        return distillation_kl(logits, teacher, self.temperature, w) * sum(w)
 
     def _kl_early_super(self, super_logits: Sequence[Tensor]) -> Tensor:
         """``T^2 sum_{k<S-1} w_k KL(final detached || exit k)`` over the super-net's earlier exits."""

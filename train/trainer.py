@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from train.ema import ModelEMA
 from train.evaluate import evaluate_configs
 from train.losses import ADNLoss, DepthLoss, costs_from_macs
 from train.models import create_model
-from train.models.base import AdaptiveDepthNet, skip_to_str
+from train.models.base import AdaptiveDepthNet, SkipConfig, all_skip_configs, skip_to_str
 from train.models.macs import macs_per_exit, piece_macs
 from train.precision import resolve_bf16
 from train.schedule import build_optimizer, build_scheduler, param_groups
@@ -32,18 +33,33 @@ FINAL_NAME = "model.pt"
 
 
 class ADNStep(nn.Module):
-    """Super-net and base-net in one forward, so DDP sees one forward per backward."""
+    """Super-net, base-net and the step's mixed sub-networks in one forward, so DDP sees one
+    forward per backward."""
 
     def __init__(self, model: AdaptiveDepthNet, self_distill: bool) -> None:
         super().__init__()
         self.model = model
         self.self_distill = self_distill
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor, mixed: Sequence[SkipConfig] = ()):
         super_logits, increments = self.model(x, skip=None, return_increments=True)
-        base_logits = (self.model(x, skip=(True,) * self.model.num_stages)
-                       if self.self_distill else None)
-        return super_logits, base_logits, increments
+        if not self.self_distill:
+            return super_logits, None, increments, []
+        # Mixed configurations that start with skips share those stages with the base-net.
+        base_logits, *mixed_logits = self.model.forward_configs(x, [(True,) * self.model.num_stages, *mixed])
+        return super_logits, base_logits, increments, list(zip(mixed, mixed_logits))
+
+
+def mixed_skip_configs(num_stages: int) -> list[SkipConfig]:
+    """The skip configurations that skip some stages but not all (2^S - 2 of them)."""
+    return [c for c in all_skip_configs(num_stages) if any(c) and not all(c)]
+
+
+def draw_mixed_configs(configs: Sequence[SkipConfig], count: int, seed: int, step: int) -> list[SkipConfig]:
+    """``count`` distinct configurations of ``configs`` drawn at random; the same for the same
+    (seed, step), so a resumed run and every DDP rank draw what an uninterrupted run draws."""
+    rng = random.Random(seed * 1_000_003 + step)
+    return rng.sample(list(configs), min(count, len(configs)))
 
 
 class Trainer:
@@ -72,6 +88,10 @@ class Trainer:
         self.input_size = self.data.img_size
         self.loss_fn = self._build_loss().to(self.ctx.device)
         step = ADNStep(self.model, cfg.self_distill)
+        self.mixed_configs = mixed_skip_configs(self.model.num_stages)
+        if cfg.mixed_subnets and not self.mixed_configs:
+            raise UsageError(f"mixed_subnets = {cfg.mixed_subnets}, but {cfg.model} has one stage: "
+                             "no skip configuration is mixed")
         self.step_module: nn.Module = (
             nn.parallel.DistributedDataParallel(step) if self.ctx.enabled else step)
         self.optimizer = build_optimizer(param_groups([self.model, self.loss_fn], cfg.weight_decay), cfg)
@@ -192,9 +212,10 @@ class Trainer:
         """One optimizer step on a prepared batch: super-net and base-net forward, the loss,
         backward, optimizer, scheduler (and EMA) step. Returns the super-net's exit logits and
         the loss terms; raises FloatingPointError when the loss is not finite."""
+        mixed = draw_mixed_configs(self.mixed_configs, self.cfg.mixed_subnets, self.cfg.seed, self.global_step)
         with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            super_logits, base_logits, increments = self.step_module(x)
-            loss, terms = self.loss_fn(super_logits, base_logits, y, increments)
+            super_logits, base_logits, increments, mixed_logits = self.step_module(x, mixed)
+            loss, terms = self.loss_fn(super_logits, base_logits, y, increments, mixed_logits)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}")
         self.optimizer.zero_grad(set_to_none=True)

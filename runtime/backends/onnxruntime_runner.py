@@ -247,7 +247,7 @@ class ORTPieceRunner:
         chosen = available_providers(providers)
         root = None
         if any(ep == _po.TRT_EP for ep in chosen):
-            root = Path(bundle_dir) if bundle_dir is not None else find_bundle_root(self.path, 8)
+            root = Path(bundle_dir) if bundle_dir is not None else find_bundle_root(self.path)
         #: what the session was given: [(provider, options)], only providers this build has
         self.session_providers = _po.session_providers(chosen, provider_options, root, self.path)
         try:

@@ -39,7 +39,11 @@ from typing import Any, Optional
 ENGINES_DIR = "engines"
 
 
-def find_bundle_root(path: Path, depth: int = 6) -> Optional[Path]:
+#: How far above an artifact file its bundle's ``manifest.json`` is looked for.
+BUNDLE_ROOT_MAX_DEPTH = 8
+
+
+def find_bundle_root(path: Path, depth: int = BUNDLE_ROOT_MAX_DEPTH) -> Optional[Path]:
     """The directory holding ``manifest.json`` at most ``depth`` levels above ``path`` (the
     bundle), or None."""
     from runtime.manifest import MANIFEST_NAME

@@ -100,6 +100,20 @@ class AdaptiveDepthNet(nn.Module, ABC):
             logits.append(self.forward_head_for(k, h, skip[k]))
         return (logits, increments) if return_increments else logits
 
+    def forward_configs(self, x: Tensor, configs: Sequence[Sequence[bool] | str]) -> list[list[Tensor]]:
+        """Exit logits of several skip configurations, as :meth:`forward` gives them for each; a
+        stage prefix that configurations share (TTF and TFT share stage 0's skip variant) runs once."""
+        configs = [normalize_skip(c, self.num_stages) for c in configs]
+        states: dict[SkipConfig, Tensor] = {(): self.forward_stem(x)}
+        logits: dict[SkipConfig, Tensor] = {}
+        for config in configs:
+            for k in range(self.num_stages):
+                prefix = config[:k + 1]
+                if prefix not in states:
+                    states[prefix] = self.forward_stage(k, states[config[:k]], config[k])
+                    logits[prefix] = self.forward_head_for(k, states[prefix], config[k])
+        return [[logits[config[:k + 1]] for k in range(self.num_stages)] for config in configs]
+
     def model_config(self) -> dict:
         """Constructor arguments that rebuild this model through the registry."""
         return {"num_classes": self.num_classes, "in_chans": self.in_chans, "img_size": self.img_size}
