@@ -117,8 +117,9 @@ def router_record(fit) -> dict[str, Any]:
 def _why_exits(fit) -> str:
     kept = fit.exits
     rows = [s for s in fit.subsets if s.get("lam") is not None]
+    folds = " x fold" if any(s.get("fit_fold") == 1 for s in fit.subsets) else ", cross-fitted"
     txt = (f"kept exits {kept}: the fastest held-out policy among {len(fit.subsets)} candidates "
-           f"(exit subset x first-span variant x fold) within the accuracy target")
+           f"(exit subset x first-span variant{folds}) within the accuracy target")
     best: dict[str, float] = {}
     for s in rows:
         key = f"{s['exits']} from {s.get('start')}"

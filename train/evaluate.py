@@ -12,21 +12,14 @@ from train.data import ImageDataset, iterate_batches, normalize_batch
 from train.models.base import AdaptiveDepthNet, SkipConfig, all_skip_configs, skip_to_str
 
 
-def _prefix_tree_probabilities(model: AdaptiveDepthNet, x: Tensor,
-                               configs: Sequence[SkipConfig]) -> dict[SkipConfig, Tensor]:
-    """Softmax of every exit, (S, N, C), per skip config; configs sharing a prefix share its work.
-
-    All 2^S configs cost 2 + 4 + ... + 2^S stage runs instead of S * 2^S.
-    """
-    level: dict[SkipConfig, tuple[Tensor, list[Tensor]]] = {(): (model.forward_stem(x), [])}
-    for k in range(model.num_stages):
-        following: dict[SkipConfig, tuple[Tensor, list[Tensor]]] = {}
-        for prefix in dict.fromkeys(c[:k + 1] for c in configs):
-            h, probs = level[prefix[:-1]]
-            h = model.forward_stage(k, h, prefix[-1])
-            following[prefix] = (h, probs + [model.forward_head_for(k, h, prefix[-1]).float().softmax(dim=1)])
-        level = following
-    return {c: torch.stack(level[c][1]) for c in configs}
+def _config_probabilities(model: AdaptiveDepthNet, x: Tensor,
+                          configs: Sequence[SkipConfig]) -> dict[SkipConfig, Tensor]:
+    """Softmax of every exit, (S, N, C), per skip config; configs sharing a prefix share its work
+    (:meth:`AdaptiveDepthNet.forward_configs`: all 2^S configs cost 2 + 4 + ... + 2^S stage runs
+    instead of S * 2^S)."""
+    logits = model.forward_configs(x, configs)
+    return {c: torch.stack([z.float().softmax(dim=1) for z in per_exit])
+            for c, per_exit in zip(configs, logits)}
 
 
 @torch.no_grad()
@@ -41,7 +34,7 @@ def exit_probabilities_by_config(model: AdaptiveDepthNet, ds: ImageDataset, mean
     labels = []
     for images, y in iterate_batches(ds, batch_size, shuffle=False):
         x = normalize_batch(images, mean, std, channels_last=channels_last)
-        for c, probs in _prefix_tree_probabilities(model, x, configs).items():
+        for c, probs in _config_probabilities(model, x, configs).items():
             chunks[c].append(probs.numpy())
         labels.append(y.numpy())
     return {c: np.concatenate(p, axis=1) for c, p in chunks.items()}, np.concatenate(labels)
