@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from train.config import DEPTH_ON, DISTILL_FROM
-from train.models.base import normalize_skip
+from train.models.base import is_mixed, normalize_skip
 
 __all__ = [
     "default_exit_weights",
@@ -555,8 +555,7 @@ class ADNLoss(nn.Module):
         if _check_logits(logits, "mixed_logits") != self.num_exits:
             raise ValueError(f"a mixed sub-network needs {self.num_exits} exits, got {len(logits)}")
         config = normalize_skip(config, self.num_exits)
-        w = [wk if any(config[:k + 1]) and not all(config[:k + 1]) else 0.0
-             for k, wk in enumerate(self.exit_weights)]
+        w = [wk if is_mixed(config[:k + 1]) else 0.0 for k, wk in enumerate(self.exit_weights)]
         if sum(w) == 0:
             raise ValueError(f"skip config {list(config)} is not mixed: it skips every stage or none")
         teacher = [super_logits[-1]] * self.num_exits if self.distill_from == "final" else super_logits

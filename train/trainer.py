@@ -22,7 +22,7 @@ from train.ema import ModelEMA
 from train.evaluate import evaluate_configs
 from train.losses import ADNLoss, DepthLoss, costs_from_macs
 from train.models import create_model
-from train.models.base import AdaptiveDepthNet, SkipConfig, all_skip_configs, skip_to_str
+from train.models.base import AdaptiveDepthNet, SkipConfig, all_skip_configs, is_mixed, skip_to_str
 from train.models.macs import macs_per_exit, piece_macs
 from train.precision import resolve_bf16
 from train.schedule import build_optimizer, build_scheduler, param_groups
@@ -52,12 +52,14 @@ class ADNStep(nn.Module):
 
 def mixed_skip_configs(num_stages: int) -> list[SkipConfig]:
     """The skip configurations that skip some stages but not all (2^S - 2 of them)."""
-    return [c for c in all_skip_configs(num_stages) if any(c) and not all(c)]
+    return [c for c in all_skip_configs(num_stages) if is_mixed(c)]
 
 
 def draw_mixed_configs(configs: Sequence[SkipConfig], count: int, seed: int, step: int) -> list[SkipConfig]:
     """``count`` distinct configurations of ``configs`` drawn at random; the same for the same
     (seed, step), so a resumed run and every DDP rank draw what an uninterrupted run draws."""
+    if count == 0:
+        return []
     rng = random.Random(seed * 1_000_003 + step)
     return rng.sample(list(configs), min(count, len(configs)))
 

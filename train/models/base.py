@@ -37,6 +37,11 @@ def skip_to_str(skip: Sequence[bool]) -> str:
     return "".join("T" if s else "F" for s in skip)
 
 
+def is_mixed(skip: Sequence[bool]) -> bool:
+    """Whether a skip configuration (or a prefix of one) skips some stages but not all."""
+    return any(skip) and not all(skip)
+
+
 def all_skip_configs(num_stages: int) -> list[SkipConfig]:
     """Every one of the 2^S skip configurations, FF..F first, TT..T last."""
     return [tuple(bool(i >> (num_stages - 1 - b) & 1) for b in range(num_stages))
