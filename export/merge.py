@@ -47,7 +47,7 @@ from runtime.errors import UsageError
 from runtime.manifest import (LOGITS, MANIFEST_NAME, MERGED, Manifest, Piece, TensorSpec,
                               merged_piece_id, save_manifest)
 
-__all__ = ["add_merged_pieces", "span_chain", "compose_onnx", "merged_piece_id"]
+__all__ = ["add_merged_pieces", "span_chain", "span_prefixes", "compose_onnx", "merged_piece_id"]
 
 Progress = Callable[[str], None]
 Span = tuple[int, int, str]
@@ -55,17 +55,33 @@ DEFAULT_BATCH = 4
 PORTABLE_TARGET = "portable"
 
 
-def span_chain(m: Manifest, first: int, last: int, variant: str) -> list[Piece]:
-    """The pieces the runtime chains for stages ``first..last`` under ``variant``: segment k of
-    the first skip config whose char k is ``variant[k - first]``."""
+def span_chain(m: Manifest, first: int, last: int, variant: str,
+               prefix: Optional[str] = None) -> list[Piece]:
+    """The pieces the runtime chains for stages ``first..last`` under ``variant`` on the path
+    ``prefix`` (variants of stages 0..first-1; None: the first path found): segment k of a
+    skip config that follows the path."""
     out: list[Piece] = []
     for k in range(first, last + 1):
-        cfg = next((c for c in m.skip_configs if c[k] == variant[k - first]), None)
+        if prefix is None:
+            cfg = next((c for c in m.skip_configs if c[first:k + 1] == variant[:k - first + 1]),
+                       None)
+        else:
+            cfg = next((c for c in m.skip_configs if c[:k + 1] == (prefix + variant)[:k + 1]),
+                       None)
         if cfg is None:
             raise UsageError(f"span {first}..{last} variant {variant!r}: no skip config has "
-                             f"{variant[k - first]!r} at stage {k}")
+                             f"{variant[k - first]!r} at stage {k} on path {prefix!r}")
         out.extend(m.segments(cfg)[k])
     return out
+
+
+def span_prefixes(m: Manifest, first: int, last: int, variant: str) -> list[Optional[str]]:
+    """The paths before ``first`` a merged piece of this span needs one version for: [None]
+    (one piece serves every path) unless the bundle's pieces are specific to their path
+    (``Piece.prefix``), then every prefix some skip config reaches the span through."""
+    if not m.per_path or first == 0:
+        return [None]
+    return sorted({c[:first] for c in m.skip_configs if c[first:last + 1] == variant})
 
 
 def _check_span(m: Manifest, span: object) -> Span:
@@ -320,6 +336,8 @@ def add_merged_pieces(bundle_dir: Union[str, os.PathLike], spans: Iterable[Span]
                       atol: float = 1e-4, progress: Optional[Progress] = None) -> list[str]:
     """Add a merged piece (kind ``"merged"``, id ``stages{first}-{last}.{variant}``) for every
     ``(first, last, variant)`` of ``spans`` to the bundle at ``bundle_dir``; return the new ids.
+    In a bundle whose pieces are specific to their path, a span after stage 0 gets one merged
+    piece per path before it (``stages1-2.TF.F``, ``stages1-2.TF.T``: :func:`span_prefixes`).
 
     ``inputs``: float32 input batches for the parity gate: one array (used for every span), or
     a mapping tensor name (``x``, ``features0``, ...) -> array; default (or a name missing from
@@ -347,12 +365,13 @@ def add_merged_pieces(bundle_dir: Union[str, os.PathLike], spans: Iterable[Span]
     profile = None
     profile_loaded = False
     new_ids: list[str] = []
-    for first, last, variant in todo:
-        pid = merged_piece_id(first, last, variant)
+    for first, last, variant, prefix in [(f, l, v, p) for f, l, v in todo
+                                         for p in span_prefixes(m, f, l, v)]:
+        pid = merged_piece_id(first, last, variant, prefix)
         if any(p.id == pid for p in m.pieces):
             progress(f"merged  {pid}: already in the bundle")
             continue
-        chain = span_chain(m, first, last, variant)
+        chain = span_chain(m, first, last, variant, prefix)
         for p in chain:
             if not p.find_artifacts(PORTABLE, PORTABLE_TARGET):
                 raise UsageError(f"{bundle.manifest_path}: piece {p.id!r} has no portable ONNX "
@@ -426,7 +445,7 @@ def add_merged_pieces(bundle_dir: Union[str, os.PathLike], spans: Iterable[Span]
             shutil.rmtree(stage_dir, ignore_errors=True)
         by_id = {p.id: p for p in chain}
         piece = Piece(id=pid, kind=MERGED, stage=last, first_stage=first, variant=variant,
-                      skip=None, returns_logits=True, inputs=[in_spec], outputs=out_specs,
+                      prefix=prefix, skip=None, returns_logits=True, inputs=[in_spec], outputs=out_specs,
                       macs=sum(p.macs for p in chain) - sum(by_id[d].macs for d in dropped),
                       params=sum(p.params for p in chain) - sum(by_id[d].params for d in dropped))
         add_piece(m, piece)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from export.errors import ExportError
 from export.segments import INPUT_NAME, LOGITS, SegmentPlan, prefix_order
+from train.path_norms import model_for_path
 
 LOGITS_ATOL = 1e-4
 FEATURES_RTOL = 1e-4
@@ -105,8 +106,9 @@ def torch_piece_outputs(model, plan: SegmentPlan, piece_id: str, h: Tensor) -> l
 
 @torch.no_grad()
 def reference_exits(model, x: Tensor, skip_config: str) -> list[np.ndarray]:
-    """Reference logits of every exit: the model's own ``forward`` (independent of the cut)."""
-    return [_np(t) for t in model(x, skip_config)]
+    """Reference logits of every exit: the model's own ``forward`` (independent of the cut),
+    with the configuration's own norm statistics where they were re-estimated per path."""
+    return [_np(t) for t in model_for_path(model, skip_config)(x, skip_config)]
 
 
 # ---------------------------------------------------------------------------------------------

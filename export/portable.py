@@ -29,6 +29,7 @@ from export.manifest_builder import add_artifact_file, add_piece, new_manifest, 
 from runtime.manifest import (MANIFEST_NAME, Piece, PreprocessSpec, RawInputSpec, Source, TensorSpec,
                               save_manifest, sha256_file)
 from runtime.jsonsafe import json_safe
+from train.path_norms import PATH_MODELS_ATTR, attach_path_models
 
 ONNX_DIR = "onnx"
 PORTABLE_TARGET = "portable"
@@ -162,8 +163,10 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
     model = model.float().eval()
     S = model.num_stages
     name = model_name or getattr(model, "model_name", type(model).__name__)
+    per_path = bool(getattr(model, PATH_MODELS_ATTR, None))
     plan: SegmentPlan = segment_plan(S, granularity,
-                                     head_twins=bool(getattr(model, "exit_norm_twins", False)))
+                                     head_twins=bool(getattr(model, "exit_norm_twins", False)),
+                                     per_path=per_path)
     x = parity_inputs.float().contiguous()
     expected = (model.in_chans, model.img_size, model.img_size)
     if tuple(x.shape[1:]) != expected:
@@ -204,7 +207,7 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
             class_names=list(class_names) if class_names is not None else None,
             source=source or Source(), raw=raw_input_spec(preprocess, expected),
             annotations={**(annotations or {}), "export": json_safe({
-                "granularity": granularity, "opset": max(i.opset for i in infos.values()),
+                "granularity": granularity, "pieces_per_path": per_path, "opset": max(i.opset for i in infos.values()),
                 "exporter": sorted({i.exporter for i in infos.values()}),
                 "versions": _versions(),
                 "parity": {"inputs": parity_note or f"{len(x)} images", "samples": len(x),
@@ -219,7 +222,7 @@ def export_model(model, out_dir: str | os.PathLike, *, parity_inputs: Tensor, me
                 id=p.id, kind=p.kind, stage=p.stage, skip=p.skip, returns_logits=p.returns_logits,
                 inputs=[TensorSpec(n, list(s)) for n, s in info.inputs.items()],
                 outputs=[TensorSpec(n, list(s)) for n, s in info.outputs.items()],
-                macs=int(macs[p.id]), params=int(params[p.id])))
+                macs=int(macs[p.id]), params=int(params[p.id]), prefix=p.prefix))
             add_artifact_file(manifest, tmp, p.id, onnx_relpath(p.id), backend="onnx",
                                        target=PORTABLE_TARGET,
                                        options={"opset": info.opset, "exporter": info.exporter})
@@ -295,6 +298,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     if archive:
         _check_out(archive_path(out_dir), overwrite)
     model, state = model_from_checkpoint(checkpoint)
+    if state.get("path_norms"):
+        attach_path_models(model, state["path_norms"]["stats"])
     info = state.get("dataset") or {}
     mean, std = info.get("mean"), info.get("std")
     if mean is None or std is None:

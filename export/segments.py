@@ -13,12 +13,18 @@ Two granularities produce the same 2^S execution plans:
 * ``"split"``: ``stage{k}.mandatory`` / ``stage{k}.mandatory_skipnorm`` / ``stage{k}.skippable`` /
   ``head{k}``: four distinct graphs per stage, 2-3 calls per segment.
 
+``per_path=True`` (stage granularity; a model whose norm statistics were re-estimated per path,
+:mod:`train.path_norms`): stage ``k >= 1`` gets one piece per path ``config[:k + 1]``,
+``stage{k}.{full|skip}.{prefix}`` with ``prefix = config[:k]`` (2 + 4 + 8 pieces for three
+stages), each carrying that path's statistics; stage 0 keeps ``stage0.full`` / ``stage0.skip``.
+
 Tensors pass by name: ``x`` is the model input, ``features{k}`` the features after stage ``k``,
 ``mid{k}`` the features after stage ``k``'s mandatory sub-path (split granularity, non-skipped
 path only) and ``logits`` the exit's logits (replaced by every segment).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +33,7 @@ from torch import Tensor, nn
 
 from train.models.base import AdaptiveDepthNet, all_skip_configs, skip_to_str
 from train.models.macs import used_params
+from train.path_norms import model_for_path
 
 GRANULARITIES = ("stage", "split")
 DEFAULT_GRANULARITY = "stage"
@@ -59,7 +66,8 @@ class PieceDef:
     """One piece: its manifest description and the torch function computing it.
 
     ``fn(model, tensor) -> tensor | tuple`` maps the single input (``input_name``) to the outputs
-    in ``output_names`` order.
+    in ``output_names`` order. ``path`` (per-path plans): the skip variants of stages 0..stage
+    whose norm statistics the piece runs with (``train.path_norms.model_for_path``).
     """
 
     id: str
@@ -69,16 +77,27 @@ class PieceDef:
     input_name: str
     output_names: list[str]
     fn: Callable[[AdaptiveDepthNet, Tensor], object] = field(repr=False)
+    path: str | None = None
 
     @property
     def returns_logits(self) -> bool:
         return LOGITS in self.output_names
 
+    @property
+    def prefix(self) -> str | None:
+        """The manifest's ``prefix``: the variants of the stages before this one that the piece
+        is specific to (None: it serves every path)."""
+        return self.path[:-1] if self.path is not None and self.stage > 0 else None
+
+    def bind(self, model: AdaptiveDepthNet) -> AdaptiveDepthNet:
+        """The model instance this piece computes with (the path's statistics, if any)."""
+        return model_for_path(model, self.path)  # type: ignore[return-value]
+
     def module(self, model: AdaptiveDepthNet) -> PieceModule:
-        return PieceModule(model, self.fn)
+        return PieceModule(self.bind(model), self.fn)
 
     def __call__(self, model: AdaptiveDepthNet, h: Tensor) -> list[Tensor]:
-        out = self.fn(model, h)
+        out = self.fn(self.bind(model), h)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
@@ -145,6 +164,27 @@ def stage_pieces(num_stages: int) -> list[PieceDef]:
     return pieces
 
 
+def path_pieces(num_stages: int) -> list[PieceDef]:
+    """One piece per skip path: ``stage0.{full|skip}``, then ``stage{k}.{full|skip}.{prefix}``
+    for every prefix of the stages before k."""
+    pieces = []
+    for k in range(num_stages):
+        last = k == num_stages - 1
+        outs = [LOGITS] if last else [features_name(k), LOGITS]
+        for prefix in ("".join(p) for p in itertools.product("FT", repeat=k)):
+            for skip in (False, True):
+                path = prefix + ("T" if skip else "F")
+                pieces.append(PieceDef(path_piece_id(k, path), "stage", k, skip, _input_name(k),
+                                       list(outs), _stage_fn(k, skip, last), path=path))
+    return pieces
+
+
+def path_piece_id(k: int, path: str) -> str:
+    """Id of stage k's piece on skip path ``path`` (variants of stages 0..k)."""
+    name = f"stage{k}.{'skip' if path[k] == 'T' else 'full'}"
+    return f"{name}.{path[:k]}" if k else name
+
+
 def split_pieces(num_stages: int, head_twins: bool = False) -> list[PieceDef]:
     """Mandatory / mandatory-with-twin-norms / skippable / head pieces per stage
     (``head_twins``: a ``head{k}.skip`` piece too, for heads with per-variant norms)."""
@@ -166,20 +206,28 @@ def split_pieces(num_stages: int, head_twins: bool = False) -> list[PieceDef]:
 
 
 def segment_plan(num_stages: int, granularity: str = DEFAULT_GRANULARITY,
-                 head_twins: bool = False) -> SegmentPlan:
+                 head_twins: bool = False, per_path: bool = False) -> SegmentPlan:
     """Pieces and execution plans for all 2^S skip configs of an S-stage model
-    (``head_twins``: the exit heads keep per-variant norms, see ``forward_head_for``)."""
+    (``head_twins``: the exit heads keep per-variant norms, see ``forward_head_for``;
+    ``per_path``: one piece per skip path, see the module docstring)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
     if num_stages < 1:
         raise ValueError(f"a model needs at least one stage, got {num_stages}")
-    pieces = (stage_pieces(num_stages) if granularity == "stage"
-              else split_pieces(num_stages, head_twins))
+    if per_path and granularity != "stage":
+        raise ValueError(f"pieces per path need granularity 'stage', got {granularity!r}")
+    if per_path:
+        pieces = path_pieces(num_stages)
+    else:
+        pieces = (stage_pieces(num_stages) if granularity == "stage"
+                  else split_pieces(num_stages, head_twins))
     execution: dict[str, list[list[str]]] = {}
     for cfg in all_skip_configs(num_stages):
         segs = []
         for k, skip in enumerate(cfg):
-            if granularity == "stage":
+            if per_path:
+                segs.append([path_piece_id(k, skip_to_str(cfg)[:k + 1])])
+            elif granularity == "stage":
                 segs.append([f"stage{k}.{'skip' if skip else 'full'}"])
             elif skip:
                 head = f"head{k}.skip" if head_twins and k < num_stages - 1 else f"head{k}"

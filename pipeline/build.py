@@ -508,7 +508,8 @@ def _export_inputs(ctx: _Ctx) -> dict:
     t = ctx.outputs["train"]
     return {"export": ctx.cfg.section_dict("export"), "checkpoint_sha256": t["sha256"],
             "data_root": ctx.cfg.train.data_root,
-            "code": code_hash("export", "train/models", _monolithic_exporter())}
+            "code": code_hash("export", "train/models", "train/path_norms.py",
+                              "train/exit_norms.py", _monolithic_exporter())}
 
 
 def _monolithic_exporter():
@@ -527,6 +528,8 @@ def _export_run(ctx: _Ctx, input_hash: str) -> dict:
     with atomic_directory(paths.export, overwrite=True) as tmp:
         if e.exit_norms == "per-variant":
             ckpt = _per_variant_exit_norms(ctx, ckpt, tmp / "model-exit-norms.pt")
+        elif e.exit_norms == "per-path":
+            ckpt = _per_path_norms(ctx, ckpt, tmp / "model-path-norms.pt")
         export_checkpoint(ckpt, tmp / "portable", opset=e.opset, parity_samples=e.parity_samples,
                           progress=log, granularity=e.granularity, exporter=e.exporter,
                           data_root=cfg.train.data_root)
@@ -541,33 +544,65 @@ def _export_run(ctx: _Ctx, input_hash: str) -> dict:
             "monolithic": sha256_file(paths.monolithic), "mono_macs": info["macs"]}
 
 
-def _per_variant_exit_norms(ctx: _Ctx, ckpt: Path, out: Path) -> Path:
-    """The checkpoint with exit-head norm statistics re-estimated per stage variant on training
-    images (train/exit_norms.py), written to ``out``; ``ckpt`` itself when the model has no
-    such norms."""
+def _norm_images(ctx: _Ctx, state: dict):
+    """``(uint8 training images, dataset)`` for re-estimating norm statistics: the export's
+    ``exit_norm_images`` first of a seeded permutation of the training split."""
     import torch
 
-    from train.checkpoint import model_from_checkpoint, save_checkpoint
     from train.data import load_dataset
-    from train.exit_norms import recalibrate_exit_norms, supports_exit_norm_twins
 
-    model, state = model_from_checkpoint(ckpt)
-    if not supports_exit_norm_twins(model) or getattr(model, "exit_norm_twins", False):
-        return ckpt
     t, e = ctx.cfg.train, ctx.cfg.export
     ds = load_dataset(t.data, t.data_root, val_fraction=t.val_fraction, split_seed=t.split_seed,
                       img_size=(state.get("dataset") or {}).get("img_size"))
     n = min(e.exit_norm_images, len(ds.train))
     idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))[:n]
     images, _ = ds.train.get_batch(idx.sort().values)
+    return images, ds
+
+
+def _per_variant_exit_norms(ctx: _Ctx, ckpt: Path, out: Path) -> Path:
+    """The checkpoint with exit-head norm statistics re-estimated per stage variant on training
+    images (train/exit_norms.py), written to ``out``; ``ckpt`` itself when the model has no
+    such norms."""
+    from train.checkpoint import model_from_checkpoint, save_checkpoint
+    from train.exit_norms import recalibrate_exit_norms, supports_exit_norm_twins
+
+    model, state = model_from_checkpoint(ckpt)
+    if not supports_exit_norm_twins(model) or getattr(model, "exit_norm_twins", False):
+        return ckpt
+    images, ds = _norm_images(ctx, state)
     t0 = time.perf_counter()
     with _torch_single_thread():
         new = recalibrate_exit_norms(model.eval(), images, ds.mean, ds.std)
     state = {**state, "model": new.state_dict(), "model_config": new.model_config(),
-             "ema": None, "exit_norms": {"per_variant": True, "images": n, "split": "train"}}
+             "ema": None, "exit_norms": {"per_variant": True, "images": len(images),
+                                         "split": "train"}}
     save_checkpoint(state, out)
-    ctx.log(f"exit-head norms re-estimated per stage variant on {n} training images "
+    ctx.log(f"exit-head norms re-estimated per stage variant on {len(images)} training images "
             f"({time.perf_counter() - t0:.1f} s)")
+    return out
+
+
+def _per_path_norms(ctx: _Ctx, ckpt: Path, out: Path) -> Path:
+    """The checkpoint with every norm's statistics re-estimated per skip path on training
+    images (train/path_norms.py, ``state["path_norms"]``), written to ``out``; ``ckpt`` itself
+    when the model keeps no norm statistics (a ViT's LayerNorms)."""
+    from train.checkpoint import model_from_checkpoint, save_checkpoint
+    from train.path_norms import has_batch_norms, path_norm_stats
+
+    model, state = model_from_checkpoint(ckpt)
+    if not has_batch_norms(model):
+        ctx.log(f"norm statistics per path: {type(model).__name__} keeps none (shared pieces)")
+        return ckpt
+    images, ds = _norm_images(ctx, state)
+    t0 = time.perf_counter()
+    with _torch_single_thread():
+        stats = path_norm_stats(model.eval(), images, ds.mean, ds.std)
+    state = {**state, "ema": None, "model": model.state_dict(),
+             "path_norms": {"stats": stats, "images": len(images), "split": "train"}}
+    save_checkpoint(state, out)
+    ctx.log(f"norm statistics re-estimated per skip path ({len(stats)} paths) on "
+            f"{len(images)} training images ({time.perf_counter() - t0:.1f} s)")
     return out
 
 

@@ -88,8 +88,10 @@ class ExportSection:
     granularity: str = "stage"        # stage | split
     exporter: str = "torchscript"     # torchscript | dynamo
     parity_samples: int = 64
-    exit_norms: str = "per-variant"   # per-variant: exit-head norm statistics re-estimated per
-                                      # stage variant after training (train/exit_norms.py); shared
+    exit_norms: str = "per-path"      # per-path: every norm's statistics re-estimated per skip
+                                      # path after training, one piece per path
+                                      # (train/path_norms.py); per-variant: the exit heads' norms
+                                      # per stage variant (train/exit_norms.py); shared
     exit_norm_images: int = 4000      # training images for that
 
     def validate(self, v: Optional[Validator] = None, p: str = "export") -> None:
@@ -98,7 +100,10 @@ class ExportSection:
         v.enum(self.granularity, f"{p}.granularity", ("stage", "split"))
         v.enum(self.exporter, f"{p}.exporter", ("torchscript", "dynamo"))
         v.int_(self.parity_samples, f"{p}.parity_samples", lo=1)
-        v.enum(self.exit_norms, f"{p}.exit_norms", ("per-variant", "shared"))
+        v.enum(self.exit_norms, f"{p}.exit_norms", ("per-path", "per-variant", "shared"))
+        if self.exit_norms == "per-path" and self.granularity != "stage":
+            v.fail(f"{p}.exit_norms", f"'per-path' needs granularity 'stage' (got "
+                                      f"{self.granularity!r}); use 'per-variant' or 'shared'")
         v.int_(self.exit_norm_images, f"{p}.exit_norm_images", lo=1)
 
 

@@ -105,7 +105,8 @@ def config_probabilities(model, x: np.ndarray, configs: Optional[Sequence[str]] 
 def export_monolithic(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17,
                       exporter: str = "torchscript", parity_samples: int = 64,
                       data_root: Optional[str] = None) -> dict[str, Any]:
-    """Export the full model (full depth, final exit only, nothing skipped) to one ONNX file.
+    """Export the full model (full depth, final exit only, nothing skipped) to one ONNX file,
+    with the norm statistics of the path FF..F where the checkpoint has them per path.
 
     Checked like the pieces (onnx.checker, names, dynamic batch axis) and against torch on real
     validation images (max |logits diff| <= 1e-4). Returns ``{"macs", "params", "opset",
@@ -123,6 +124,10 @@ def export_monolithic(checkpoint: str | Path, out_path: str | Path, *, opset: in
     model, state = model_from_checkpoint(checkpoint)
     model = model.float().eval()
     S = model.num_stages
+    if state.get("path_norms"):
+        from train.path_norms import load_path_stats
+        with torch.no_grad():
+            load_path_stats(model, state["path_norms"]["stats"]["F" * S])
 
     class Monolithic(nn.Module):
         def __init__(self, net) -> None:

@@ -26,7 +26,8 @@ import click
               help="Weight of L_depth (0 disables it).")
 @click.option("--mixed-subnets", type=click.IntRange(min=0), default=None,
               help="Mixed skip configurations (some stages skipped) trained per step besides the "
-                   "super-net and the base-net, drawn at random. [0]")
+                   "super-net and the base-net, drawn at random. [1 with self-distillation and "
+                   "the whole model training, else 0]")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast.")
 @click.option("--ema/--no-ema", default=None, help="Keep an EMA of the weights (used for eval/export).")
 @click.option("--seed", type=int, default=None)

@@ -33,7 +33,7 @@ class SegmentExecutor:
         self.options = dict(options or {})
         self._runners: dict[str, PieceRunner] = {}
         self._steps: dict[tuple[str, int], tuple[Step, ...]] = {}
-        self._span_steps: dict[tuple[int, int, str], tuple[Step, ...]] = {}
+        self._span_steps: dict[tuple[int, int, str, str | None], tuple[Step, ...]] = {}
         self._lock = threading.Lock()
         self.input_name = self.manifest.input.name
 
@@ -85,18 +85,21 @@ class SegmentExecutor:
         r = self.runner(piece.id)
         return (r.run, tuple(r.input_names), tuple(r.output_names), bool(piece.returns_logits))
 
-    def has_merged(self, first: int, last: int, variant: str) -> bool:
-        """Whether the bundle has a merged piece for this span with an artifact for this
-        executor's backend (and target)."""
-        piece = self.manifest.merged_piece(first, last, variant)
+    def has_merged(self, first: int, last: int, variant: str, prefix: str | None = None) -> bool:
+        """Whether the bundle has a merged piece for this span (on path ``prefix``, the
+        variants of stages 0..first-1; None: any) with an artifact for this executor's
+        backend (and target)."""
+        piece = self.manifest.merged_piece(first, last, variant, prefix)
         return piece is not None and bool(piece.find_artifacts(self.backend, self.target))
 
-    def span_steps(self, first: int, last: int, variant: str) -> tuple[Step, ...]:
+    def span_steps(self, first: int, last: int, variant: str,
+                   prefix: str | None = None) -> tuple[Step, ...]:
         """Stages ``first..last`` under ``variant`` (one 'F'/'T' per stage) plus exit head
-        ``last``, runners opened (cached): the merged piece when the bundle has one for this
-        backend/target (one step), else the chain of the per-stage segments (segment k of any
-        skip config whose char k is ``variant[k - first]``)."""
-        key = (first, last, variant)
+        ``last``, reached through ``prefix`` (the variants of stages 0..first-1; None: any
+        path, e.g. to time the span), runners opened (cached): the merged piece when the
+        bundle has one for this backend/target (one step), else the chain of the per-stage
+        segments of a skip config that follows the path (``prefix + variant``)."""
+        key = (first, last, variant, prefix)
         steps = self._span_steps.get(key)
         if steps is not None:
             return steps
@@ -108,28 +111,47 @@ class SegmentExecutor:
                 or set(variant) - {"T", "F"}):
             raise ValueError(f"variant {variant!r}: expected {last - first + 1} chars 'T'/'F', "
                              f"one per stage {first}..{last}")
-        if self.has_merged(first, last, variant):
-            steps = (self._step(self.manifest.merged_piece(first, last, variant)),)
+        if prefix is not None and (not isinstance(prefix, str) or len(prefix) != first
+                                   or set(prefix) - {"T", "F"}):
+            raise ValueError(f"prefix {prefix!r}: expected {first} chars 'T'/'F', one per "
+                             f"stage before {first}")
+        if self.has_merged(first, last, variant, prefix):
+            steps = (self._step(self.manifest.merged_piece(first, last, variant, prefix)),)
         else:
             built = []
-            configs = self.manifest.skip_configs
             for k in range(first, last + 1):
-                cfg = next((c for c in configs if c[k] == variant[k - first]), None)
-                if cfg is None:
-                    raise KeyError(f"no skip config has {variant[k - first]!r} at stage {k} "
-                                   f"(skip configs: {', '.join(configs)})")
-                built.extend(self.steps(cfg, k))
+                built.extend(self.steps(self._config_through(k, first, variant, prefix), k))
             steps = tuple(built)
         self._span_steps[key] = steps  # idempotent: a racing thread stores an equal tuple
         return steps
 
-    def run_span(self, first: int, last: int, variant: str,
-                 tensors: dict[str, np.ndarray]) -> np.ndarray:
-        """Run stages ``first..last`` under ``variant`` in place on ``tensors`` (updated with
-        every output; intermediate exits' logits are overwritten); return exit ``last``'s
-        logits. ``tensors`` must hold the span's input (the model input for ``first == 0``,
-        else ``features{first-1}``)."""
-        steps = self._span_steps.get((first, last, variant)) or self.span_steps(first, last, variant)
+    def _config_through(self, k: int, first: int, variant: str, prefix: str | None) -> str:
+        """A skip config whose segment k runs on the path ``prefix + variant`` (any prefix when
+        None): a config that follows that path up to stage k, else one whose letter k is the
+        variant's and whose segment-k pieces serve every path."""
+        configs = self.manifest.skip_configs
+        if prefix is None:
+            want = variant[:k - first + 1]
+            cfg = next((c for c in configs if c[first:k + 1] == want), None)
+        else:
+            want = (prefix + variant)[:k + 1]
+            cfg = next((c for c in configs if c[:k + 1] == want), None)
+            if cfg is None:
+                cfg = next((c for c in configs if c[k] == want[k] and all(
+                    p.serves(want) for p in self.manifest.segments(c)[k])), None)
+        if cfg is None:
+            raise KeyError(f"no skip config runs stage {k} as {variant[k - first]!r} on the path "
+                           f"{(prefix or '') + variant!r} (skip configs: {', '.join(configs)})")
+        return cfg
+
+    def run_span(self, first: int, last: int, variant: str, tensors: dict[str, np.ndarray],
+                 prefix: str | None = None) -> np.ndarray:
+        """Run stages ``first..last`` under ``variant`` on the path ``prefix`` (variants of
+        stages 0..first-1) in place on ``tensors`` (updated with every output; intermediate
+        exits' logits are overwritten); return exit ``last``'s logits. ``tensors`` must hold
+        the span's input (the model input for ``first == 0``, else ``features{first-1}``)."""
+        steps = (self._span_steps.get((first, last, variant, prefix))
+                 or self.span_steps(first, last, variant, prefix))
         for run, inputs, outputs, _returns_logits in steps:
             tensors.update(zip(outputs, run({name: tensors[name] for name in inputs})))
         return tensors["logits"]
@@ -141,8 +163,10 @@ class SegmentExecutor:
         for piece in self.manifest.pieces:  # merged spans that run in this configuration
             if (piece.variant is not None and piece.first_stage is not None
                     and skip_config[piece.first_stage:piece.stage + 1] == piece.variant
+                    and piece.serves(skip_config)
                     and piece.find_artifacts(self.backend, self.target)):
-                self.span_steps(piece.first_stage, piece.stage, piece.variant)
+                self.span_steps(piece.first_stage, piece.stage, piece.variant,
+                                skip_config[:piece.first_stage])
 
     def run_segment(self, skip_config: str, k: int, tensors: dict[str, np.ndarray]) -> np.ndarray:
         """Run segment k in place on ``tensors`` (updated with every output); return its logits."""

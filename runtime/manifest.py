@@ -72,7 +72,9 @@ __all__ = [
 ]
 
 #: Current manifest schema version. Readers accept 1..SCHEMA_VERSION; newer is refused.
-SCHEMA_VERSION = 2
+#: 3 added a piece's ``prefix`` (pieces specific to one skip path; a version-2 reader would
+#: run them on any path).
+SCHEMA_VERSION = 3
 #: File name of the manifest at the root of a bundle directory.
 MANIFEST_NAME = "manifest.json"
 PIECE_KINDS = ("stage", "mandatory", "skippable", "head", "segment", "merged")
@@ -397,6 +399,20 @@ class Piece:
     #: one 'F'/'T' per stage first_stage..stage. None for every other kind (and not written).
     first_stage: Optional[int] = None
     variant: Optional[str] = None
+    #: The skip variants ('F'/'T') of the stages before this piece (before ``first_stage`` for a
+    #: merged piece) that it is specific to: its norm statistics were estimated on that path
+    #: (``train/path_norms.py``). None: it serves every path (and is not written).
+    prefix: Optional[str] = None
+
+    @property
+    def span_start(self) -> int:
+        """The first stage the piece runs."""
+        return self.stage if self.first_stage is None else self.first_stage
+
+    def serves(self, path: str) -> bool:
+        """Whether the piece may run on skip path ``path`` (variants of stages 0.. at least
+        up to the piece's first stage)."""
+        return self.prefix is None or path[:len(self.prefix)] == self.prefix
 
     def to_dict(self) -> dict:
         d = {"id": self.id, "kind": self.kind, "stage": self.stage}
@@ -404,6 +420,8 @@ class Piece:
             d["first_stage"] = self.first_stage
         if self.variant is not None:
             d["variant"] = self.variant
+        if self.prefix is not None:
+            d["prefix"] = self.prefix
         d.update({"skip": self.skip, "returns_logits": self.returns_logits,
                   "inputs": [t.to_dict() for t in self.inputs],
                   "outputs": [t.to_dict() for t in self.outputs],
@@ -418,7 +436,7 @@ class Piece:
     @classmethod
     def _parse(cls, v: _V, d: object, p: str, stages: int) -> "Piece":
         d = v.obj(d, p, ("id", "kind", "stage", "skip", "returns_logits", "inputs", "outputs",
-                         "macs", "params", "artifacts"), ("first_stage", "variant"))
+                         "macs", "params", "artifacts"), ("first_stage", "variant", "prefix"))
         pid = v.ident(d["id"], _key(p, "id"), "a piece id")
         kind = v.enum(d["kind"], _key(p, "kind"), PIECE_KINDS)
         stage = v.int_(d["stage"], _key(p, "stage"), lo=0, hi=stages - 1)
@@ -432,6 +450,21 @@ class Piece:
                 if d.get(k) is not None:
                     v.fail(_key(p, k), f"only a {MERGED!r} piece has {k}; this piece's kind "
                                        f"is {kind!r}")
+        prefix = d.get("prefix")
+        if prefix is not None:
+            start = stage if first_stage is None else first_stage
+            if not isinstance(prefix, str) or len(prefix) != start or set(prefix) - {"T", "F"}:
+                v.fail(_key(p, "prefix"), f"expected a string of {start} chars, each 'T' or 'F' "
+                                          f"(the variants of stages 0..{start - 1}, before the "
+                                          f"piece), got {_short(prefix)}")
+            if start == 0:
+                v.fail(_key(p, "prefix"), "a piece that starts at stage 0 has no stages before "
+                                          "it: prefix must be absent")
+        if kind == MERGED and pid != merged_piece_id(first_stage, stage, variant, prefix):
+            v.fail(_key(p, "id"), f"a {MERGED!r} piece of stages {first_stage}..{stage} with "
+                                  f"variant {variant!r} and prefix {prefix!r} must have id "
+                                  f"{merged_piece_id(first_stage, stage, variant, prefix)!r}, "
+                                  f"got {pid!r}")
         if kind == "head" and not rl:
             v.fail(_key(p, "returns_logits"), "a 'head' piece must return logits")
         if kind == "stage" and skip is None:
@@ -469,12 +502,13 @@ class Piece:
                    inputs=tensors["inputs"], outputs=tensors["outputs"],
                    macs=v.int_(d["macs"], _key(p, "macs"), lo=0),
                    params=v.int_(d["params"], _key(p, "params"), lo=0), artifacts=arts,
-                   first_stage=first_stage, variant=variant)
+                   first_stage=first_stage, variant=variant, prefix=prefix)
 
 
-def merged_piece_id(first: int, last: int, variant: str) -> str:
-    """Id of the merged piece of stages ``first..last`` under ``variant``: 'stages0-2.FTF'."""
-    return f"stages{first}-{last}.{variant}"
+def merged_piece_id(first: int, last: int, variant: str, prefix: Optional[str] = None) -> str:
+    """Id of the merged piece of stages ``first..last`` under ``variant``: 'stages0-2.FTF';
+    one specific to the path ``prefix`` before it: 'stages1-2.TF.F'."""
+    return f"stages{first}-{last}.{variant}" + (f".{prefix}" if prefix else "")
 
 
 def _features_name(k: int) -> str:
@@ -505,10 +539,6 @@ def _parse_merged_span(v: _V, d: dict, p: str, pid: str, stage: int, skip: Optio
     if not rl:
         v.fail(_key(p, "returns_logits"), f"a {MERGED!r} piece ends with exit {stage}'s head: "
                                           "returns_logits must be true")
-    want = merged_piece_id(first, stage, var)
-    if pid != want:
-        v.fail(_key(p, "id"), f"a {MERGED!r} piece of stages {first}..{stage} with variant "
-                              f"{var!r} must have id {want!r}, got {pid!r}")
     return first, var
 
 
@@ -893,14 +923,21 @@ class Manifest:
         raise KeyError(f"no piece {piece_id!r} in manifest (pieces: "
                        f"{', '.join(p.id for p in self.pieces) or 'none'})")
 
-    def merged_piece(self, first: int, last: int, variant: str) -> Optional[Piece]:
+    def merged_piece(self, first: int, last: int, variant: str,
+                     prefix: Optional[str] = None) -> Optional[Piece]:
         """The 'merged' piece running stages ``first..last`` under ``variant`` (one 'F'/'T'
-        per stage) plus exit head ``last``, or None if the bundle has none."""
+        per stage) plus exit head ``last`` on the path ``prefix`` (variants of stages
+        0..first-1; None: any path), or None if the bundle has none."""
         for p in self.pieces:
             if (p.kind == MERGED and p.first_stage == first and p.stage == last
-                    and p.variant == variant):
+                    and p.variant == variant and (prefix is None or p.serves(prefix))):
                 return p
         return None
+
+    @property
+    def per_path(self) -> bool:
+        """Whether some piece is specific to a skip path (``Piece.prefix``)."""
+        return any(p.prefix is not None for p in self.pieces)
 
     def segments(self, skip_config: str) -> list[list[Piece]]:
         """Pieces to run, per exit segment, under ``skip_config``."""
@@ -1102,7 +1139,12 @@ def _parse_manifest(v: _V, d: object) -> Manifest:
         deployment=None if d.get("deployment") is None
         else Deployment._parse(v, d["deployment"], "deployment"))
     _check_deployment(v, manifest)
-    if sv < SCHEMA_VERSION:
+    if sv < 3:
+        for i, piece in enumerate(pieces):
+            if piece.prefix is not None:
+                v.fail(_key(_key("pieces", i), "prefix"), f"schema_version {sv} has no piece "
+                       "prefix (pieces specific to a skip path need schema_version 3)")
+    if sv < 2:
         from .manifest_v1 import upgrade_v1
         upgrade_v1(manifest)
     return manifest
@@ -1156,6 +1198,10 @@ def _parse_execution(v: _V, d: object, configs: list[str], S: int,
                 used.add(pid)
                 if p.stage != k:
                     v.fail(pj, f"piece {pid!r} belongs to stage {p.stage}, not to segment {k}")
+                if not p.serves(c):
+                    v.fail(pj, f"piece {pid!r} is specific to the path {p.prefix!r} before "
+                               f"stage {k}; config {c!r} reaches stage {k} through "
+                               f"{c[:k]!r}")
                 skipped = c[k] == "T"
                 if p.skip is not None and p.skip != skipped:
                     v.fail(pj, f"piece {pid!r} has skip={str(p.skip).lower()} but config "

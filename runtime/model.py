@@ -630,7 +630,7 @@ class AdaptiveModel:
             e = len(path) - 1
             ts = clock()
             span = self._span_of(policy, path)
-            logits = run_span(span[0], span[1], path[span[0]:], tensors)
+            logits = run_span(span[0], span[1], path[span[0]:], tensors, path[:span[0]])
             timings.append((span_key(span[0], span[1], path[span[0]:], m),
                             (clock() - ts) * 1000.0))
             if limit is not None:
@@ -686,7 +686,7 @@ class AdaptiveModel:
         while True:
             variant = path[first:]
             ts = clock()
-            logits = run_span(first, last, variant, tensors)
+            logits = run_span(first, last, variant, tensors, path[:first])
             te = clock()
             timings.append((span_key(first, last, variant, 1), (te - ts) * 1000.0))
             if limit is not None:

@@ -12,6 +12,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -111,6 +112,19 @@ def test_host_build_writes_bundle_report_and_plots(host_build):
     assert set(m.stopping.skip_accuracy) == set(m.skip_configs)
     assert m.stopping.skip_config == m.annotations["calibration"]["skip_config"]
     assert m.deployment.profile == "x86-host" and m.deployment.backend_order
+    # norm statistics per skip path (the default): one piece per path, and the monolithic
+    # network is the FF..F path's
+    assert m.per_path and m.execution["TFT"] == [["stage0.skip"], ["stage1.full.T"],
+                                                 ["stage2.skip.TF"]]
+    assert len([p for p in m.pieces if p.kind == "stage"]) == 14
+    from pipeline.evaluate import MonolithicSession
+    from runtime.model import AdaptiveModel
+
+    rt = AdaptiveModel.load(r / "bundle", warn=False)
+    x = np.random.default_rng(0).standard_normal((4, *m.input.shape)).astype(np.float32)
+    mono = MonolithicSession.like(rt, r / "monolithic.onnx").logits(x)
+    assert np.abs(mono - rt.executor.run_exits(x, "FFF")[-1]).max() < 1e-4
+    assert np.abs(mono - rt.executor.run_exits(x, "TTF")[-1]).max() > 1e-3
     assert not (r / "host").exists()  # this machine: the bundle itself is measured
     archives = list(r.glob("*.tar.gz"))
     assert [a.name for a in archives] == ["resnet20_adn-x86-host.tar.gz"]

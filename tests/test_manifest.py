@@ -48,7 +48,7 @@ def _piece(pid, kind, stage, skip, logits, file, sha, macs=1000, inputs=None, ou
 def valid_dict() -> dict:
     """S=2. Stage 0 exported as whole-stage variants, stage 1 at finer granularity."""
     return {
-        "schema_version": 2,
+        "schema_version": 3,
         "model": {"name": "tiny-ee", "family": "resnet", "num_classes": 10, "params": 1234},
         "input": {"name": "x", "shape": [3, 8, 8], "dtype": "float32", "layout": "NCHW",
                   "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
@@ -113,7 +113,7 @@ def test_round_trip_dict():
     m = Manifest.from_dict(d)
     assert m.to_dict() == d
     assert Manifest.from_dict(m.to_dict()) == m
-    assert m.schema_version == SCHEMA_VERSION == 2
+    assert m.schema_version == SCHEMA_VERSION == 3
     assert m.piece("head1").kind == "head"
     # deep copy: mutating the input afterwards does not affect the manifest
     d["pieces"][0]["artifacts"][1]["options"]["opt_level"] = 0
@@ -575,7 +575,7 @@ def test_v1_manifest_loads_with_its_annotations_moved_into_the_schema():
     d["annotations"] = {"skip_accuracy": acc, "calibration": {"skip_config": "TF"},
                         "compile": {"backend_order": ["tensorrt", "onnxruntime"]}}
     m = Manifest.from_dict(d)
-    assert m.schema_version == 2
+    assert m.schema_version == SCHEMA_VERSION  # upgraded in memory
     assert m.stopping.skip_accuracy == acc and m.stopping.skip_config == "TF"
     assert m.deployment.profile == "orin-nx"
     assert m.deployment.backend_order == ["tensorrt", "onnxruntime"]

@@ -287,8 +287,8 @@ class SpanClock:
         self.backend, self.target = inner.backend, inner.target
         self.spans: list[tuple[int, int, str]] = []
 
-    def run_span(self, first, last, variant, tensors):
-        out = self.inner.run_span(first, last, variant, tensors)
+    def run_span(self, first, last, variant, tensors, prefix=None):
+        out = self.inner.run_span(first, last, variant, tensors, prefix)
         self.spans.append((first, last, variant))
         self.clock.advance(self.ms * (last - first + 1))
         return out

@@ -176,6 +176,12 @@ def test_mixed_subnets_config_and_training_step(tmp_path):
     assert mixed_stats["loss"] > plain_stats["loss"]
     a, b = plain.model.state_dict(), mixed.model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    # unset, one mixed sub-network per step where it can be distilled and the trunk trains
+    assert TrainConfig().mixed_subnets is None
+    quiet = dict(log=lambda _m: None)
+    assert Trainer(_cfg(tmp_path / "auto", **common), **quiet).mixed_subnets == 1
+    assert Trainer(_cfg(tmp_path / "nokd", self_distill=False, **common), **quiet).mixed_subnets == 0
+    assert Trainer(_cfg(tmp_path / "heads", trainable="exits", **common), **quiet).mixed_subnets == 0
 
 
 @pytest.mark.parametrize("name", ["resnet20_adn", "vit_tiny_adn"])

@@ -137,8 +137,10 @@ def test_build_config_file_is_type_checked(tmp_path):
         "[calibrate]\nepsilon = 0.7": "calibrate.epsilon: expected a number <= 0.5, got 0.7",
         '[build]\nprecision = "int4"': "build.precision: expected one of 'auto', 'fp32', 'int8', "
                                        "got 'int4'",
-        '[export]\nexit_norms = "mixed"': "export.exit_norms: expected one of 'per-variant', "
-                                          "'shared', got 'mixed'",
+        '[export]\nexit_norms = "mixed"': "export.exit_norms: expected one of 'per-path', "
+                                          "'per-variant', 'shared', got 'mixed'",
+        '[export]\ngranularity = "split"': "export.exit_norms: 'per-path' needs granularity "
+                                           "'stage' (got 'split')",
         "[profile]\nbatches = [2, 4]": "profile.batches: must include 1",
         '[build]\nbackends = ["onnxruntime", "x"]': "build.backends[1]: unknown backend 'x'",
         "[build]\narchive = 1": "build.archive: expected true or false, got integer",

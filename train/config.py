@@ -47,7 +47,9 @@ class TrainConfig:
     distill_from: str = "final"  # final | same-exit: what the exits learn from (docs/l_depth.md)
     # Mixed skip configurations (some stages skipped, some not) trained per step besides the
     # super-net and the base-net, drawn at random and distilled like the base-net (docs/training.md).
-    mixed_subnets: int = 0
+    # None: 1 when self_distill is on, the whole model trains and it has a mixed configuration,
+    # else 0.
+    mixed_subnets: int | None = None
 
     # L_depth (optimal-stopping regulariser). depth_loss = false drops it; depth_lambda = 0 keeps
     # its stopping-weighted cross-entropy without the cost of depth.
@@ -152,7 +154,7 @@ _CHECKS: dict[str, Callable[[Validator, Any, str], object]] = {
     "kd_temperature": lambda v, x, p: v.num(x, p, lo=0, lo_open=True),
     "exit_weights": lambda v, x, p: None if x is None else v.list_of(x, p, _nonneg(v), min_len=1),
     "distill_from": lambda v, x, p: v.enum(x, p, DISTILL_FROM),
-    "mixed_subnets": lambda v, x, p: v.int_(x, p, lo=0),
+    "mixed_subnets": lambda v, x, p: None if x is None else v.int_(x, p, lo=0),
     "depth_loss": lambda v, x, p: v.bool_(x, p),
     "depth_on": lambda v, x, p: v.enum(x, p, DEPTH_ON),
     "depth_lambda": lambda v, x, p: v.num(x, p, lo=0),

@@ -94,6 +94,11 @@ class Trainer:
         if cfg.mixed_subnets and not self.mixed_configs:
             raise UsageError(f"mixed_subnets = {cfg.mixed_subnets}, but {cfg.model} has one stage: "
                              "no skip configuration is mixed")
+        # None (the default): one mixed configuration per step where it can be distilled and the
+        # trunk trains (a frozen trunk keeps the recipe it had)
+        self.mixed_subnets = (int(cfg.self_distill and bool(self.mixed_configs)
+                                  and cfg.trainable == "all")
+                              if cfg.mixed_subnets is None else cfg.mixed_subnets)
         self.step_module: nn.Module = (
             nn.parallel.DistributedDataParallel(step) if self.ctx.enabled else step)
         self.optimizer = build_optimizer(param_groups([self.model, self.loss_fn], cfg.weight_decay), cfg)
@@ -214,7 +219,7 @@ class Trainer:
         """One optimizer step on a prepared batch: super-net and base-net forward, the loss,
         backward, optimizer, scheduler (and EMA) step. Returns the super-net's exit logits and
         the loss terms; raises FloatingPointError when the loss is not finite."""
-        mixed = draw_mixed_configs(self.mixed_configs, self.cfg.mixed_subnets, self.cfg.seed, self.global_step)
+        mixed = draw_mixed_configs(self.mixed_configs, self.mixed_subnets, self.cfg.seed, self.global_step)
         with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             super_logits, base_logits, increments, mixed_logits = self.step_module(x, mixed)
             loss, terms = self.loss_fn(super_logits, base_logits, y, increments, mixed_logits)
