@@ -164,33 +164,34 @@ def test_export_cuts_one_piece_per_path(per_path_bundle, data, stats):
     assert np.abs(a - b).max() > 1e-3
 
 
-def test_the_manifest_refuses_a_piece_off_its_path(per_path_bundle, tmp_path):
+def _piece_index(d: dict, piece_id: str) -> int:
+    return next(i for i, q in enumerate(d["pieces"]) if q["id"] == piece_id)
+
+
+def _set_prefix(piece_id: str, prefix: str):
+    def edit(d: dict) -> None:
+        d["pieces"][_piece_index(d, piece_id)]["prefix"] = prefix
+    return edit
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["execution"].__setitem__("TTF", [["stage0.skip"], ["stage1.skip.T"],
+                                                  ["stage2.full.FT"]]),
+     r"execution\.TTF\[2\]\[0\]: piece 'stage2.full.FT' is specific to the path 'FT' before "
+     r"stage 2; config 'TTF' reaches stage 2 through 'TT'"),
+    (_set_prefix("stage2.full.FT", "F"), r"pieces\[\d+\]\.prefix: expected a string of 2 chars"),
+    (_set_prefix("stage0.full", ""), r"pieces\[\d+\]\.prefix: a piece that starts at stage 0"),
+    (lambda d: d.__setitem__("schema_version", 2),
+     r"pieces\[\d+\]\.prefix: schema_version 2 has no piece prefix"),
+])
+def test_the_manifest_refuses_a_piece_off_its_path(per_path_bundle, tmp_path, edit, match):
     from runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
     d = json.loads((per_path_bundle / MANIFEST_NAME).read_text())
-    plan = d["execution"]
-    plan["TTF"][2] = ["stage2.full.FT"]
+    edit(d)
     p = tmp_path / MANIFEST_NAME
     p.write_text(json.dumps(d))
-    with pytest.raises(ManifestError, match=r"execution\.TTF\[2\]\[0\].*specific to the path "
-                                            r"'FT'.*through 'TT'"):
-        load_manifest(p)
-    d = json.loads((per_path_bundle / MANIFEST_NAME).read_text())
-    i = next(i for i, q in enumerate(d["pieces"]) if q["id"] == "stage2.full.FT")
-    d["pieces"][i]["prefix"] = "F"
-    p.write_text(json.dumps(d))
-    with pytest.raises(ManifestError, match=rf"pieces\[{i}\]\.prefix: expected a string of 2"):
-        load_manifest(p)
-    d = json.loads((per_path_bundle / MANIFEST_NAME).read_text())
-    d["schema_version"] = 2
-    p.write_text(json.dumps(d))
-    with pytest.raises(ManifestError, match="schema_version 2 has no piece prefix"):
-        load_manifest(p)
-    d = json.loads((per_path_bundle / MANIFEST_NAME).read_text())
-    j = next(i for i, q in enumerate(d["pieces"]) if q["id"] == "stage0.full")
-    d["pieces"][j]["prefix"] = ""
-    p.write_text(json.dumps(d))
-    with pytest.raises(ManifestError, match=rf"pieces\[{j}\]\.prefix"):
+    with pytest.raises(ManifestError, match=match):
         load_manifest(p)
 
 
