@@ -58,21 +58,13 @@ PORTABLE_TARGET = "portable"
 def span_chain(m: Manifest, first: int, last: int, variant: str,
                prefix: Optional[str] = None) -> list[Piece]:
     """The pieces the runtime chains for stages ``first..last`` under ``variant`` on the path
-    ``prefix`` (variants of stages 0..first-1; None: the first path found): segment k of a
-    skip config that follows the path."""
-    out: list[Piece] = []
-    for k in range(first, last + 1):
-        if prefix is None:
-            cfg = next((c for c in m.skip_configs if c[first:k + 1] == variant[:k - first + 1]),
-                       None)
-        else:
-            cfg = next((c for c in m.skip_configs if c[:k + 1] == (prefix + variant)[:k + 1]),
-                       None)
-        if cfg is None:
-            raise UsageError(f"span {first}..{last} variant {variant!r}: no skip config has "
-                             f"{variant[k - first]!r} at stage {k} on path {prefix!r}")
-        out.extend(m.segments(cfg)[k])
-    return out
+    ``prefix`` (variants of stages 0..first-1; None: any path): segment k of a skip config
+    that follows the path (``Manifest.span_configs``)."""
+    try:
+        configs = m.span_configs(first, last, variant, prefix)
+    except KeyError as exc:
+        raise UsageError(f"span {first}..{last} variant {variant!r}: {exc.args[0]}") from None
+    return [p for k, cfg in enumerate(configs, start=first) for p in m.segments(cfg)[k]]
 
 
 def span_prefixes(m: Manifest, first: int, last: int, variant: str) -> list[Optional[str]]:

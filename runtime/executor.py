@@ -118,31 +118,11 @@ class SegmentExecutor:
         if self.has_merged(first, last, variant, prefix):
             steps = (self._step(self.manifest.merged_piece(first, last, variant, prefix)),)
         else:
-            built = []
-            for k in range(first, last + 1):
-                built.extend(self.steps(self._config_through(k, first, variant, prefix), k))
-            steps = tuple(built)
+            configs = self.manifest.span_configs(first, last, variant, prefix)
+            steps = tuple(step for k, cfg in enumerate(configs, start=first)
+                          for step in self.steps(cfg, k))
         self._span_steps[key] = steps  # idempotent: a racing thread stores an equal tuple
         return steps
-
-    def _config_through(self, k: int, first: int, variant: str, prefix: str | None) -> str:
-        """A skip config whose segment k runs on the path ``prefix + variant`` (any prefix when
-        None): a config that follows that path up to stage k, else one whose letter k is the
-        variant's and whose segment-k pieces serve every path."""
-        configs = self.manifest.skip_configs
-        if prefix is None:
-            want = variant[:k - first + 1]
-            cfg = next((c for c in configs if c[first:k + 1] == want), None)
-        else:
-            want = (prefix + variant)[:k + 1]
-            cfg = next((c for c in configs if c[:k + 1] == want), None)
-            if cfg is None:
-                cfg = next((c for c in configs if c[k] == want[k] and all(
-                    p.serves(want) for p in self.manifest.segments(c)[k])), None)
-        if cfg is None:
-            raise KeyError(f"no skip config runs stage {k} as {variant[k - first]!r} on the path "
-                           f"{(prefix or '') + variant!r} (skip configs: {', '.join(configs)})")
-        return cfg
 
     def run_span(self, first: int, last: int, variant: str, tensors: dict[str, np.ndarray],
                  prefix: str | None = None) -> np.ndarray:

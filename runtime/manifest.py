@@ -404,11 +404,6 @@ class Piece:
     #: (``train/path_norms.py``). None: it serves every path (and is not written).
     prefix: Optional[str] = None
 
-    @property
-    def span_start(self) -> int:
-        """The first stage the piece runs."""
-        return self.stage if self.first_stage is None else self.first_stage
-
     def serves(self, path: str) -> bool:
         """Whether the piece may run on skip path ``path`` (variants of stages 0.. at least
         up to the piece's first stage)."""
@@ -933,6 +928,29 @@ class Manifest:
                     and p.variant == variant and (prefix is None or p.serves(prefix))):
                 return p
         return None
+
+    def span_configs(self, first: int, last: int, variant: str,
+                     prefix: Optional[str] = None) -> list[str]:
+        """Per stage k of ``first..last``, a skip config whose segment k runs on the path
+        ``prefix + variant`` (``prefix``: the variants of stages 0..first-1; None: any path):
+        one that follows the path up to stage k, else one whose letter k is the variant's and
+        whose segment-k pieces serve every path. Raises KeyError when there is none."""
+        out = []
+        for k in range(first, last + 1):
+            if prefix is None:
+                cfg = next((c for c in self.skip_configs
+                            if c[first:k + 1] == variant[:k - first + 1]), None)
+            else:
+                want = (prefix + variant)[:k + 1]
+                cfg = next((c for c in self.skip_configs if c[:k + 1] == want), None) or next(
+                    (c for c in self.skip_configs if c[k] == want[k]
+                     and all(p.serves(want) for p in self.segments(c)[k])), None)
+            if cfg is None:
+                raise KeyError(f"no skip config runs stage {k} as {variant[k - first]!r} on the "
+                               f"path {(prefix or '') + variant!r} (skip configs: "
+                               f"{', '.join(self.skip_configs)})")
+            out.append(cfg)
+        return out
 
     @property
     def per_path(self) -> bool:
