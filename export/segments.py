@@ -152,37 +152,28 @@ def _head_fn(k: int, skipped: bool = False):
     return fn
 
 
-def stage_pieces(num_stages: int) -> list[PieceDef]:
-    """``stage{k}.full`` / ``stage{k}.skip``: one piece per stage variant, head included."""
+def stage_piece_id(k: int, skip: bool, prefix: str | None = None) -> str:
+    """Id of stage k's piece in one variant: ``stage1.skip``; one specific to the path
+    ``prefix`` before it (variants of stages 0..k-1): ``stage1.skip.F``."""
+    name = f"stage{k}.{'skip' if skip else 'full'}"
+    return f"{name}.{prefix}" if prefix else name
+
+
+def stage_pieces(num_stages: int, per_path: bool = False) -> list[PieceDef]:
+    """``stage{k}.full`` / ``stage{k}.skip``: one piece per stage variant, head included
+    (``per_path``: one per variant and path before it, ``stage{k}.{full|skip}.{prefix}``)."""
     pieces = []
     for k in range(num_stages):
         last = k == num_stages - 1
         outs = [LOGITS] if last else [features_name(k), LOGITS]
-        for skip in (False, True):
-            pieces.append(PieceDef(f"stage{k}.{'skip' if skip else 'full'}", "stage", k, skip,
-                                   _input_name(k), list(outs), _stage_fn(k, skip, last)))
-    return pieces
-
-
-def path_pieces(num_stages: int) -> list[PieceDef]:
-    """One piece per skip path: ``stage0.{full|skip}``, then ``stage{k}.{full|skip}.{prefix}``
-    for every prefix of the stages before k."""
-    pieces = []
-    for k in range(num_stages):
-        last = k == num_stages - 1
-        outs = [LOGITS] if last else [features_name(k), LOGITS]
-        for prefix in ("".join(p) for p in itertools.product("FT", repeat=k)):
+        prefixes = ["".join(p) for p in itertools.product("FT", repeat=k)] if per_path else [None]
+        for prefix in prefixes:
             for skip in (False, True):
-                path = prefix + ("T" if skip else "F")
-                pieces.append(PieceDef(path_piece_id(k, path), "stage", k, skip, _input_name(k),
-                                       list(outs), _stage_fn(k, skip, last), path=path))
+                path = None if prefix is None else prefix + ("T" if skip else "F")
+                pieces.append(PieceDef(stage_piece_id(k, skip, prefix), "stage", k, skip,
+                                       _input_name(k), list(outs), _stage_fn(k, skip, last),
+                                       path=path))
     return pieces
-
-
-def path_piece_id(k: int, path: str) -> str:
-    """Id of stage k's piece on skip path ``path`` (variants of stages 0..k)."""
-    name = f"stage{k}.{'skip' if path[k] == 'T' else 'full'}"
-    return f"{name}.{path[:k]}" if k else name
 
 
 def split_pieces(num_stages: int, head_twins: bool = False) -> list[PieceDef]:
@@ -216,19 +207,14 @@ def segment_plan(num_stages: int, granularity: str = DEFAULT_GRANULARITY,
         raise ValueError(f"a model needs at least one stage, got {num_stages}")
     if per_path and granularity != "stage":
         raise ValueError(f"pieces per path need granularity 'stage', got {granularity!r}")
-    if per_path:
-        pieces = path_pieces(num_stages)
-    else:
-        pieces = (stage_pieces(num_stages) if granularity == "stage"
-                  else split_pieces(num_stages, head_twins))
+    pieces = (stage_pieces(num_stages, per_path) if granularity == "stage"
+              else split_pieces(num_stages, head_twins))
     execution: dict[str, list[list[str]]] = {}
     for cfg in all_skip_configs(num_stages):
         segs = []
         for k, skip in enumerate(cfg):
-            if per_path:
-                segs.append([path_piece_id(k, skip_to_str(cfg)[:k + 1])])
-            elif granularity == "stage":
-                segs.append([f"stage{k}.{'skip' if skip else 'full'}"])
+            if granularity == "stage":
+                segs.append([stage_piece_id(k, skip, skip_to_str(cfg)[:k] if per_path else None)])
             elif skip:
                 head = f"head{k}.skip" if head_twins and k < num_stages - 1 else f"head{k}"
                 segs.append([f"stage{k}.mandatory_skipnorm", head])
